@@ -1,0 +1,122 @@
+"""A thin, failure-aware wrapper around one real MiniWoB++ environment (headless Chromium)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from dpo_driver.actions import Action, resolve_target
+from dpo_driver.observation import Observation, parse_observation
+
+
+class EnvCrashed(RuntimeError):
+    """The browser or driver died mid-episode: an infrastructure fault, not a policy failure."""
+
+
+class BrowserMissing(RuntimeError):
+    pass
+
+
+def find_browser(chrome_binary: str | None = None, chromedriver: str | None = None) -> tuple[str, str]:
+    """Locate Chromium and its driver, or raise telling the user how to install them."""
+    chrome = chrome_binary or os.environ.get("MINIWOB_CHROME_BINARY") or shutil.which("chromium") or "/usr/bin/chromium"
+    driver = chromedriver or os.environ.get("MINIWOB_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    for what, path in (("Chromium", chrome), ("ChromeDriver", driver)):
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise BrowserMissing(
+                f"{what} not found at {path!r}: install it with "
+                "`apt-get update && apt-get install -y chromium chromium-driver`, or set "
+                "MINIWOB_CHROME_BINARY / MINIWOB_CHROMEDRIVER to their paths"
+            )
+    return chrome, driver
+
+
+@dataclass
+class StepResult:
+    observation: Observation | None
+    fields: dict[str, str]
+    reward: float  # MiniWoB's time-decayed reward (0 until the episode ends)
+    raw_reward: float  # reward without the time penalty; 1.0 = solved
+    done: bool
+    valid: bool  # the action named an element that exists on the page
+
+
+class WebEnv:
+    """One MiniWoB task in one browser; `reset(seed)` reuses the browser across episodes."""
+
+    def __init__(self, task: str, chrome_binary: str | None = None, chromedriver: str | None = None):
+        chrome, driver = find_browser(chrome_binary, chromedriver)
+        # miniwob reads these when it starts the driver.
+        os.environ["MINIWOB_CHROME_BINARY"] = chrome
+        os.environ["MINIWOB_CHROMEDRIVER"] = driver
+        self.task = task
+        self._env = None
+        self.raw: dict[str, Any] | None = None
+        self.observation: Observation | None = None
+
+    def _make(self):
+        import gymnasium
+        import miniwob
+
+        gymnasium.register_envs(miniwob)
+        return gymnasium.make(f"miniwob/{self.task}-v1")
+
+    def reset(self, seed: int) -> tuple[Observation, dict[str, str]]:
+        try:
+            if self._env is None:
+                self._env = self._make()
+            raw, _ = self._env.reset(seed=seed)
+        except Exception as e:  # selenium raises many types; all mean the browser is unusable
+            self._discard()
+            raise EnvCrashed(f"{self.task} seed {seed}: browser failed on reset: {e}") from e
+        self.raw = raw
+        self.observation = parse_observation(raw)
+        return self.observation, dict(raw["fields"])
+
+    def step(self, action: Action | None) -> StepResult:
+        """Apply an action; an unparseable or unresolvable one ends the episode as a failure."""
+        assert self._env is not None and self.observation is not None, "reset() first"
+        target = resolve_target(action, list(self.observation.elements)) if action else None
+        if target is None:
+            return StepResult(None, {}, reward=-1.0, raw_reward=-1.0, done=True, valid=False)
+        from miniwob.action import ActionTypes
+
+        env = self._env.unwrapped
+        try:
+            if action.verb == "click":
+                act = env.create_action(ActionTypes.CLICK_ELEMENT, ref=target.ref)
+            else:
+                act = env.create_action(ActionTypes.FOCUS_ELEMENT_AND_TYPE_TEXT, ref=target.ref, text=action.text)
+            raw, reward, terminated, truncated, info = self._env.step(act)
+        except Exception as e:
+            self._discard()
+            raise EnvCrashed(f"{self.task}: browser failed on step: {e}") from e
+        self.raw = raw
+        self.observation = parse_observation(raw) if not (terminated or truncated) else None
+        return StepResult(
+            self.observation,
+            dict(raw.get("fields", ())),
+            reward=float(reward),
+            raw_reward=float(info.get("raw_reward", reward)),
+            done=bool(terminated or truncated),
+            valid=True,
+        )
+
+    def _discard(self):
+        env, self._env = self._env, None
+        if env is not None:
+            try:
+                env.close()
+            except Exception:  # a dead browser cannot be closed cleanly; it is gone either way
+                pass
+
+    def close(self):
+        self._discard()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,128 @@
+"""Preference pairs from environment feedback: a success and a failure on the same state.
+
+For each (task, seed), successful and failed episodes are compared step by step; the pair is
+taken at the first step where their actions differ *from the same prompt* (on single-step
+tasks that is step 0; on multi-step tasks a shared prefix is skipped). Chosen is the success's
+action, rejected the failure's output. Episodes are scored so that the margin between the two
+is recorded and filtered on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+
+import pandas as pd
+
+from dpo_driver.actions import parse_action
+from dpo_driver.tasks import split_of
+
+PAIR_COLUMNS = [
+    "pair_id", "task", "seed", "step", "prompt", "chosen", "rejected",
+    "chosen_score", "rejected_score", "margin", "chosen_episode", "rejected_episode",
+]
+
+
+@dataclass
+class ScoreWeights:
+    success: float = 1.0  # solving the task dominates every other term
+    reward: float = 0.1  # MiniWoB's time-decayed reward: a faster success scores higher
+    step_penalty: float = 0.02  # per step taken: prefer efficient episodes
+    invalid_penalty: float = 0.5  # an output that is no action at all, or names no element
+
+
+@dataclass
+class PairParams:
+    min_margin: float = 0.5  # drop pairs whose score gap is smaller
+    max_pairs_per_prompt: int = 2  # cap, so easy prompts with many samples do not dominate
+    rejected_must_parse: bool = True  # rejected = well-formed but wrong; malformed outputs teach format-breaking
+
+
+def score_episode(ep: dict, w: ScoreWeights) -> float:
+    reward = ep.get("reward") or 0.0
+    return (
+        w.success * float(bool(ep["success"]))
+        + w.reward * float(reward)
+        - w.step_penalty * int(ep["num_steps"])
+        - w.invalid_penalty * float(bool(ep.get("invalid")))
+    )
+
+
+def pair_id(prompt: str, chosen: str, rejected: str) -> str:
+    return hashlib.sha1(f"{prompt}\x00{chosen}\x00{rejected}".encode()).hexdigest()[:16]
+
+
+def _divergence(good: dict, bad: dict) -> tuple[int, str, str, str] | None:
+    """(step, prompt, chosen, rejected) at the first differing action from the same prompt."""
+    for a, b in zip(good["steps"], bad["steps"]):
+        if a["prompt"] != b["prompt"]:
+            return None  # states drifted apart without an action difference: no clean pair
+        if a["output"].strip() != b["output"].strip():
+            return a["step"], a["prompt"], a["action"] or a["output"], b["output"].strip()
+    return None
+
+
+def build_preference_pairs(episodes: list[dict], params: PairParams, weights: ScoreWeights) -> pd.DataFrame:
+    """One row per pair (PAIR_COLUMNS), deduplicated, deterministic order."""
+    by_state: dict[tuple[str, int], list[dict]] = {}
+    for ep in episodes:
+        if ep.get("env_error"):
+            continue  # a crashed browser says nothing about the policy
+        if split_of(int(ep["seed"])) == "eval":
+            raise ValueError(f"episode {ep['episode_id']} uses evaluation seed {ep['seed']}: refusing to build training pairs from it")
+        by_state.setdefault((ep["task"], int(ep["seed"])), []).append(ep)
+    rows, seen = [], set()
+    for (task, seed), eps in sorted(by_state.items()):
+        scored = sorted(((score_episode(e, weights), e) for e in eps), key=lambda t: (-t[0], t[1]["sample"]))
+        wins = [(s, e) for s, e in scored if e["success"]]
+        losses = [(s, e) for s, e in scored if not e["success"]]
+        taken = 0
+        for (sw, w), (sl, l) in itertools.product(wins, losses):
+            if taken >= params.max_pairs_per_prompt:
+                break
+            if sw - sl < params.min_margin:
+                continue
+            div = _divergence(w, l)
+            if div is None:
+                continue
+            step, prompt, chosen, rejected = div
+            if params.rejected_must_parse and parse_action(rejected) is None:
+                continue
+            key = (prompt, chosen, rejected)
+            if key in seen:
+                continue
+            seen.add(key)
+            taken += 1
+            rows.append(
+                {
+                    "pair_id": pair_id(*key), "task": task, "seed": seed, "step": step,
+                    "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                    "chosen_score": sw, "rejected_score": sl, "margin": sw - sl,
+                    "chosen_episode": w["episode_id"], "rejected_episode": l["episode_id"],
+                }
+            )
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def to_dpo_records(pairs: pd.DataFrame) -> list[dict]:
+    """TRL's conversational preference format, one dict per pair."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": r.prompt}],
+            "chosen": [{"role": "assistant", "content": r.chosen}],
+            "rejected": [{"role": "assistant", "content": r.rejected}],
+            "pair_id": r.pair_id, "task": r.task, "seed": int(r.seed), "margin": float(r.margin),
+        }
+        for r in pairs.itertuples()
+    ]
+
+
+def pair_yield(episodes: list[dict], pairs: pd.DataFrame) -> dict:
+    """Prompts with both outcomes / prompts sampled: how much signal the rollouts produced."""
+    states: dict[tuple, set] = {}
+    for ep in episodes:
+        if not ep.get("env_error"):
+            states.setdefault((ep["task"], ep["seed"]), set()).add(bool(ep["success"]))
+    both = sum(1 for v in states.values() if len(v) == 2)
+    return {"prompts": len(states), "prompts_with_both": both, "pair_yield": both / len(states) if states else 0.0, "pairs": len(pairs)}

@@ -1,0 +1,157 @@
+"""Run a policy in real MiniWoB++ episodes and record every step.
+
+Per task, the first observation of every seed is collected first and the K samples for all
+of them come from batched generate() calls (one prefill per prompt, K continuations); the
+episodes are then replayed from a fresh reset of the same seed. MiniWoB pages are
+deterministic per seed, so the replayed page is the one the samples were drawn for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dpo_driver.actions import parse_action
+from dpo_driver.env import EnvCrashed, WebEnv
+from dpo_driver.observation import render_prompt
+from dpo_driver.policy import Sampling
+
+MAX_CONSECUTIVE_CRASHES = 3
+
+
+@dataclass
+class EpisodeSpec:
+    task: str
+    seed: int
+    sample: int
+
+
+def _episode_id(policy_name: str, task: str, seed: int, sample: int) -> str:
+    return f"{policy_name}:{task}:{seed}:{sample}"
+
+
+def _play(env: WebEnv, policy, spec: EpisodeSpec, first_output: str, sampling: Sampling, max_steps: int, policy_name: str) -> dict:
+    t0 = time.perf_counter()
+    obs, _ = env.reset(spec.seed)
+    history: list[str] = []
+    steps: list[dict] = []
+    output = first_output
+    result = None
+    for step in range(max_steps):
+        if step > 0:
+            output = policy.propose([render_prompt(obs, history)], [obs], 1, sampling, seed=spec.seed * 131 + spec.sample * 7 + step)[0][0]
+        prompt = render_prompt(obs, history)
+        action = parse_action(output)
+        ts = time.perf_counter()
+        result = env.step(action)
+        steps.append(
+            {
+                "step": step,
+                "prompt": prompt,
+                "output": output,
+                "action": action.render() if action else None,
+                "valid": result.valid,
+                "reward": result.reward,
+                "done": result.done,
+                "seconds": round(time.perf_counter() - ts, 4),
+            }
+        )
+        if result.done:
+            break
+        history.append(action.render())
+        obs = result.observation
+    done = bool(result and result.done)
+    return {
+        "episode_id": _episode_id(policy_name, spec.task, spec.seed, spec.sample),
+        "policy": policy_name,
+        "task": spec.task,
+        "seed": spec.seed,
+        "sample": spec.sample,
+        "success": bool(done and result.raw_reward >= 1.0),
+        "reward": float(result.reward) if done else 0.0,
+        "raw_reward": float(result.raw_reward) if done else 0.0,
+        "truncated": not done,
+        "invalid": any(not s["valid"] for s in steps),
+        "env_error": False,
+        "error": None,
+        "num_steps": len(steps),
+        "steps": steps,
+        "wall_seconds": round(time.perf_counter() - t0, 4),
+    }
+
+
+def _crashed(policy_name: str, spec: EpisodeSpec, err: Exception) -> dict:
+    return {
+        "episode_id": _episode_id(policy_name, spec.task, spec.seed, spec.sample),
+        "policy": policy_name,
+        "task": spec.task,
+        "seed": spec.seed,
+        "sample": spec.sample,
+        "success": False,
+        "reward": None,
+        "raw_reward": None,
+        "truncated": False,
+        "invalid": False,
+        "env_error": True,  # a browser fault, not a policy failure: never used as a rejected sample
+        "error": str(err)[:500],
+        "num_steps": 0,
+        "steps": [],
+        "wall_seconds": 0.0,
+    }
+
+
+def run_episodes(
+    policy,
+    tasks: list[str],
+    seeds: list[int],
+    samples_per_seed: int,
+    sampling: Sampling,
+    max_steps: int = 4,
+    policy_name: str = "policy",
+    chrome_binary: str | None = None,
+    chromedriver: str | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """K episodes per (task, seed); returns one record per episode, steps included."""
+    if samples_per_seed < 1:
+        raise ValueError("samples_per_seed must be >= 1")
+    episodes: list[dict] = []
+    total = len(tasks) * len(seeds) * samples_per_seed
+    t_start = time.perf_counter()
+    for task in tasks:
+        with WebEnv(task, chrome_binary, chromedriver) as env:
+            crashes = 0
+            observations, prompts, live_seeds = [], [], []
+            for seed in seeds:
+                try:
+                    obs, _ = env.reset(seed)
+                except EnvCrashed as e:
+                    crashes += 1
+                    if crashes >= MAX_CONSECUTIVE_CRASHES:
+                        raise
+                    episodes += [_crashed(policy_name, EpisodeSpec(task, seed, k), e) for k in range(samples_per_seed)]
+                    continue
+                crashes = 0
+                observations.append(obs)
+                prompts.append(render_prompt(obs))
+                live_seeds.append(seed)
+            firsts = policy.propose(prompts, observations, samples_per_seed, sampling, seed=live_seeds[0] if live_seeds else 0)
+            for seed, outs in zip(live_seeds, firsts):
+                for k, out in enumerate(outs):
+                    spec = EpisodeSpec(task, seed, k)
+                    try:
+                        ep = _play(env, policy, spec, out, sampling, max_steps, policy_name)
+                        crashes = 0
+                    except EnvCrashed as e:
+                        crashes += 1
+                        if crashes >= MAX_CONSECUTIVE_CRASHES:
+                            raise EnvCrashed(f"{task}: browser crashed {crashes} times in a row; last: {e}") from e
+                        ep = _crashed(policy_name, spec, e)
+                    episodes.append(ep)
+                    if on_progress:
+                        done = len(episodes)
+                        elapsed = time.perf_counter() - t_start
+                        on_progress({"done": done, "total": total, "task": task, "episodes_per_second": done / elapsed if elapsed else 0.0,
+                                     "success_so_far": sum(e["success"] for e in episodes) / done})
+    return episodes

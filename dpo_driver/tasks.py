@@ -1,0 +1,70 @@
+"""The MiniWoB++ task suite and the three seed ranges (demos, rollouts, evaluation).
+
+The ranges are disjoint *by construction*: each split owns a fixed band of seed values and a
+split can never grow into the next band. `SeedPlan` asserts it anyway, so a config change can
+never leak evaluation seeds into training data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Single-step clicks plus one multi-step task (enter-text: type, then click Submit).
+DEFAULT_TASKS = ("click-button", "click-link", "click-tab", "enter-text")
+# Every task the scripted experts can solve (and so every task demos can be generated for).
+SUPPORTED_TASKS = ("click-button", "click-link", "click-tab", "click-widget", "enter-text", "click-option")
+
+BAND = 1_000_000  # seeds per split band
+SPLIT_BANDS = {"demo": 0, "rollout": 1, "eval": 2}
+
+
+def check_tasks(tasks: list[str] | tuple[str, ...]) -> list[str]:
+    """Validate task names; raise naming the bad one and the supported set."""
+    if not tasks:
+        raise ValueError("task suite is empty: name at least one MiniWoB++ task, e.g. click-button")
+    for t in tasks:
+        if t not in SUPPORTED_TASKS:
+            raise ValueError(
+                f"unknown task {t!r}: supported tasks are {', '.join(SUPPORTED_TASKS)} "
+                "(each needs a scripted expert for golden demos)"
+            )
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"task suite lists a task twice: {list(tasks)}")
+    return list(tasks)
+
+
+def seeds_for(split: str, count: int, offset: int = 0) -> list[int]:
+    """`count` seeds of one split, starting `offset` into that split's band."""
+    if split not in SPLIT_BANDS:
+        raise ValueError(f"unknown seed split {split!r}; expected one of {list(SPLIT_BANDS)}")
+    if count < 0 or offset < 0 or offset + count > BAND:
+        raise ValueError(f"{split} seeds: offset {offset} + count {count} must fit in [0, {BAND})")
+    start = SPLIT_BANDS[split] * BAND + offset
+    return list(range(start, start + count))
+
+
+def split_of(seed: int) -> str:
+    for name, band in SPLIT_BANDS.items():
+        if band * BAND <= seed < (band + 1) * BAND:
+            return name
+    raise ValueError(f"seed {seed} belongs to no split band")
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    demo: tuple[int, ...]
+    rollout: tuple[int, ...]
+    eval: tuple[int, ...]
+
+    def __post_init__(self):
+        sets = {"demo": set(self.demo), "rollout": set(self.rollout), "eval": set(self.eval)}
+        assert not sets["eval"] & (sets["demo"] | sets["rollout"]), "evaluation seeds overlap training seeds"
+        assert not sets["demo"] & sets["rollout"], "demo seeds overlap rollout seeds"
+
+    @classmethod
+    def build(cls, n_demo: int, n_rollout: int, n_eval: int, rollout_offset: int = 0) -> "SeedPlan":
+        return cls(
+            demo=tuple(seeds_for("demo", n_demo)),
+            rollout=tuple(seeds_for("rollout", n_rollout, rollout_offset)),
+            eval=tuple(seeds_for("eval", n_eval)),
+        )

@@ -1,0 +1,76 @@
+import pandas as pd
+import pytest
+
+from dpo_driver.pairs import PAIR_COLUMNS, PairParams, ScoreWeights, build_preference_pairs, pair_yield, score_episode, to_dpo_records
+from dpo_driver.tasks import BAND
+
+SEED = BAND + 7  # a rollout-band seed
+
+
+def ep(sample, success, outputs, prompts=None, seed=SEED, task="enter-text", invalid=False, env_error=False, reward=None):
+    prompts = prompts or [f"P{i}" for i in range(len(outputs))]
+    steps = [{"step": i, "prompt": p, "output": o, "action": o if not invalid else None} for i, (p, o) in enumerate(zip(prompts, outputs))]
+    return {"episode_id": f"sft:{task}:{seed}:{sample}", "task": task, "seed": seed, "sample": sample, "success": success,
+            "reward": reward if reward is not None else (0.8 if success else -1.0), "num_steps": len(steps), "invalid": invalid,
+            "env_error": env_error, "steps": steps}
+
+
+W = ScoreWeights()
+
+
+def test_score_prefers_success_then_efficiency():
+    fast = ep(0, True, ['type textbox "a"'], reward=0.9)
+    slow = ep(1, True, ['type textbox "a"', 'click button "Submit"'], reward=0.5)
+    fail = ep(2, False, ['click button "Submit"'])
+    invalid = ep(3, False, ["blah"], invalid=True)
+    assert score_episode(fast, W) > score_episode(slow, W) > score_episode(fail, W) > score_episode(invalid, W)
+
+
+def test_pair_at_first_divergent_step_of_a_multistep_task():
+    good = ep(0, True, ['type textbox "Myron"', 'click button "Submit"'], prompts=["P0", "P1"])
+    bad = ep(1, False, ['type textbox "Myron"', 'click textbox "Myron"'], prompts=["P0", "P1"])
+    pairs = build_preference_pairs([good, bad], PairParams(), W)
+    assert list(pairs.columns) == PAIR_COLUMNS
+    row = pairs.iloc[0]
+    assert (row.step, row.prompt, row.chosen, row.rejected) == (1, "P1", 'click button "Submit"', 'click textbox "Myron"')
+    assert row.margin == pytest.approx(row.chosen_score - row.rejected_score) and row.margin >= 0.5
+
+
+def test_no_pair_without_both_outcomes_or_from_crashes():
+    wins = [ep(i, True, ['click button "a"']) for i in range(3)]
+    crash = ep(9, False, ['click button "b"'], env_error=True)
+    assert build_preference_pairs(wins + [crash], PairParams(), W).empty
+
+
+def test_margin_filter_and_malformed_rejected():
+    good = ep(0, True, ['click button "a"'], reward=0.0)
+    bad = ep(1, False, ['click button "b"'], reward=0.0)
+    assert len(build_preference_pairs([good, bad], PairParams(min_margin=0.5), W)) == 1
+    assert build_preference_pairs([good, bad], PairParams(min_margin=5.0), W).empty
+    garbage = ep(2, False, ["I think the answer is a"], invalid=True)
+    assert build_preference_pairs([good, garbage], PairParams(rejected_must_parse=True), W).empty
+    assert len(build_preference_pairs([good, garbage], PairParams(rejected_must_parse=False), W)) == 1
+
+
+def test_dedup_and_cap_per_prompt():
+    good = [ep(i, True, ['click button "a"']) for i in range(3)]
+    bad = [ep(10 + i, False, ['click button "b"']) for i in range(3)] + [ep(20, False, ['click button "c"'])]
+    pairs = build_preference_pairs(good + bad, PairParams(max_pairs_per_prompt=5), W)
+    assert sorted(pairs["rejected"]) == ['click button "b"', 'click button "c"']  # 9 identical triples collapse to one
+    assert pairs["pair_id"].is_unique
+    assert len(build_preference_pairs(good + bad, PairParams(max_pairs_per_prompt=1), W)) == 1
+
+
+def test_refuses_evaluation_seeds():
+    with pytest.raises(ValueError, match="evaluation seed"):
+        build_preference_pairs([ep(0, True, ['click button "a"'], seed=2 * BAND + 1)], PairParams(), W)
+
+
+def test_deterministic_and_trl_format():
+    eps = [ep(0, True, ['click button "a"']), ep(1, False, ['click button "b"']), ep(2, False, ['click button "c"'])]
+    a = build_preference_pairs(eps, PairParams(), W)
+    b = build_preference_pairs(list(reversed(eps)), PairParams(), W)
+    pd.testing.assert_frame_equal(a, b)
+    rec = to_dpo_records(a)[0]
+    assert rec["prompt"][0]["role"] == "user" and rec["chosen"][0]["role"] == rec["rejected"][0]["role"] == "assistant"
+    assert pair_yield(eps, a) == {"prompts": 1, "prompts_with_both": 1, "pair_yield": 1.0, "pairs": 2}
