@@ -1,0 +1,29 @@
+"""Shared fixtures. MLflow's Alembic migrations take seconds per new SQLite store, so one
+migrated database is made per session and copied into each test's own store."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dpo_driver.tracking import Tracker
+
+
+@pytest.fixture(scope="session")
+def migrated_db(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("mlflow-template")
+    Tracker.local(home).client.search_experiments()  # creates and migrates the database
+    return home / "mlflow.db"
+
+
+@pytest.fixture
+def make_tracker(migrated_db, tmp_path):
+    """make_tracker("name") -> a Tracker on a fresh SQLite store in tmp_path/name."""
+
+    def make(name: str = "home") -> Tracker:
+        home = tmp_path / name
+        home.mkdir()
+        shutil.copy(migrated_db, home / "mlflow.db")
+        return Tracker.local(home, experiment="test")
+
+    return make
