@@ -1,0 +1,261 @@
+"""LoRA SFT and DPO with TRL: plain functions the Dagster assets call.
+
+Records are TRL conversational data. SFT: {"prompt": [user msg], "completion": [assistant msg]};
+TRL masks the prompt, so the loss is on the completion only. DPO: {"prompt", "chosen", "rejected"}.
+Adapters are written to a temp dir beside `output_dir` and renamed onto it, so a killed run never
+leaves a half-written adapter behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .model import load_model_and_tokenizer
+
+
+@dataclass
+class SFTParams:
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator (effective scale alpha/r)
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: str | list[str] = "all-linear"  # PEFT target modules; "all-linear" skips lm_head
+    learning_rate: float = 2e-4  # AdamW peak learning rate (linear decay)
+    num_train_epochs: float = 3.0  # passes over the demos
+    per_device_train_batch_size: int = 8  # examples per step before accumulation
+    gradient_accumulation_steps: int = 1  # steps summed per optimizer update
+    max_length: int = 512  # tokens per prompt+completion; longer ones are truncated at the end
+    seed: int = 0  # seeds data order and LoRA init
+    logging_steps: int = 5  # optimizer steps between on_log calls
+    bf16: bool | None = None  # bf16 weights + autocast; None = on when CUDA is available
+    load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base via bitsandbytes (CUDA only)
+    gradient_checkpointing: bool = False  # recompute activations to save GPU memory (~20% slower)
+
+
+@dataclass
+class DPOParams:
+    beta: float = 0.1  # strength of the pull towards the reference (SFT) policy
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])  # TRL losses; several are mixed
+    loss_weights: list[float] | None = None  # one weight per loss_type; None = all 1.0
+    learning_rate: float = 5e-5  # AdamW peak learning rate (linear decay)
+    num_train_epochs: float = 1.0  # passes over the pairs
+    per_device_train_batch_size: int = 4  # pairs per step before accumulation
+    gradient_accumulation_steps: int = 1  # steps summed per optimizer update
+    max_length: int = 512  # tokens per prompt+response; longer ones are truncated at the end
+    seed: int = 0  # seeds data order
+    logging_steps: int = 5  # optimizer steps between on_log calls
+    bf16: bool | None = None  # bf16 weights + autocast; None = on when CUDA is available
+    load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base via bitsandbytes (CUDA only)
+    gradient_checkpointing: bool = False  # TRL defaults this to True; off is faster for small models
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path  # PEFT adapter + tokenizer
+    metrics: dict[str, float]  # last value of every logged number, then TRL's train_* summary
+    num_examples: int  # records trained on
+    log_history: list[dict]  # every log dict TRL emitted, in order
+
+
+class _ForwardLogs(TrainerCallback):
+    def __init__(self, on_log: Callable[[dict], None]):
+        self.fn = on_log  # not `self.on_log`: that would shadow the hook
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.fn({**(logs or {}), "step": state.global_step, "max_steps": state.max_steps})
+
+
+def _check_records(records: list[dict], fn: str, keys: tuple[str, ...]) -> None:
+    if not records:
+        raise ValueError(f"{fn} got no records; it needs at least one {keys} record to train on.")
+    for i, record in enumerate(records):
+        missing = [k for k in keys if k not in record]
+        if missing:
+            raise ValueError(f"{fn}: record {i} lacks {missing}; every record needs keys {keys}.")
+
+
+def _use_bf16(bf16: bool | None) -> bool:
+    # TRL defaults bf16 to True even on CPU, so it is always set explicitly.
+    if bf16 is None:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bf16
+
+
+def _load_base(base_model: str, params: SFTParams | DPOParams):
+    dtype = "bfloat16" if _use_bf16(params.bf16) else "float32"
+    model, tokenizer = load_model_and_tokenizer(base_model, dtype=dtype, load_in_4bit=params.load_in_4bit)
+    if params.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=params.gradient_checkpointing
+        )
+    return model, tokenizer
+
+
+def _trainer_args(params: SFTParams | DPOParams, scratch: Path) -> dict:
+    return dict(
+        output_dir=str(scratch),
+        learning_rate=params.learning_rate,
+        num_train_epochs=params.num_train_epochs,
+        per_device_train_batch_size=params.per_device_train_batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        max_length=params.max_length,
+        seed=params.seed,
+        logging_steps=params.logging_steps,
+        bf16=_use_bf16(params.bf16),
+        # Transformers 5 renamed gradient_checkpointing; TRL still defaults the old name to True.
+        activation_checkpointing=params.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
+        report_to="none",  # the caller logs to MLflow itself
+        save_strategy="no",  # only the final adapter is kept; a failed asset re-runs from the start
+        push_to_hub=False,
+    )
+
+
+def _run(trainer, records: list[dict], output_dir: Path) -> TrainResult:
+    out = trainer.train()
+    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.partial-"))
+    try:
+        # Only the trained adapter: DPO also holds a frozen "ref" copy, which is not the result.
+        trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        trainer.processing_class.save_pretrained(str(tmp))
+        _replace_dir(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    history = list(trainer.state.log_history)
+    metrics = {k: float(v) for log in history for k, v in log.items() if isinstance(v, (int, float))}
+    metrics.update({k: float(v) for k, v in out.metrics.items()})
+    metrics["global_step"] = float(out.global_step)
+    return TrainResult(Path(output_dir), metrics, len(records), history)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move src onto dst; dst is at every moment absent, the old result, or the new one."""
+    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_sft_trainer(
+    base_model: str,
+    records: list[dict],
+    scratch_dir: Path,
+    params: SFTParams,
+    on_log: Callable[[dict], None] | None = None,
+):
+    """An SFTTrainer with a fresh LoRA adapter on `base_model`; checkpoints would go to `scratch_dir`."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    _check_records(records, "train_sft", ("prompt", "completion"))
+    model, tokenizer = _load_base(base_model, params)
+    lora = LoraConfig(
+        r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+        target_modules=params.target_modules, task_type="CAUSAL_LM",
+    )
+    return SFTTrainer(
+        model=model,
+        args=SFTConfig(**_trainer_args(params, Path(scratch_dir))),
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[_ForwardLogs(on_log)] if on_log else None,
+    )
+
+
+def train_sft(
+    base_model: str,
+    records: list[dict],
+    output_dir: Path,
+    params: SFTParams,
+    on_log: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """LoRA SFT on prompt-completion demos; writes the adapter to `output_dir`."""
+    _check_records(records, "train_sft", ("prompt", "completion"))
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.scratch-") as scratch:
+        trainer = build_sft_trainer(base_model, records, Path(scratch), params, on_log)
+        return _run(trainer, records, output_dir)
+
+
+def build_dpo_trainer(
+    base_model: str,
+    sft_adapter_dir: Path,
+    records: list[dict],
+    scratch_dir: Path,
+    params: DPOParams,
+    on_log: Callable[[dict], None] | None = None,
+):
+    """A DPOTrainer whose policy is the SFT adapter (trainable) and whose reference is its frozen copy.
+
+    How TRL 1.16 computes the reference here (dpo_trainer.py): given a PeftModel and neither
+    `ref_model` nor `peft_config`, __init__ calls `model.add_adapter("ref", ...)` and copies every
+    `.default.` LoRA tensor into `.ref.`; `ref_model` stays None. Each step `_compute_loss` runs the
+    same model under `torch.no_grad()` inside `use_adapter(model, "ref")`, i.e. base + the SFT LoRA
+    as it was before training. The optimizer never updates "ref". (With `peft_config` instead, the
+    reference would be the bare base model: adapters disabled.)
+    """
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    _check_records(records, "train_dpo", ("prompt", "chosen", "rejected"))
+    if not (Path(sft_adapter_dir) / "adapter_config.json").is_file():
+        raise ValueError(f"SFT adapter dir {sft_adapter_dir} has no adapter_config.json; run SFT first.")
+    model, tokenizer = _load_base(base_model, params)
+    model = PeftModel.from_pretrained(model, str(sft_adapter_dir), is_trainable=True)
+    config = DPOConfig(
+        **_trainer_args(params, Path(scratch_dir)),
+        beta=params.beta,
+        loss_type=list(params.loss_type),
+        loss_weights=params.loss_weights,
+    )
+    return DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        callbacks=[_ForwardLogs(on_log)] if on_log else None,
+    )
+
+
+def train_dpo(
+    base_model: str,
+    sft_adapter_dir: Path,
+    records: list[dict],
+    output_dir: Path,
+    params: DPOParams,
+    on_log: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """DPO from the SFT adapter against the frozen SFT policy; writes the adapter to `output_dir`."""
+    _check_records(records, "train_dpo", ("prompt", "chosen", "rejected"))
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.scratch-") as scratch:
+        trainer = build_dpo_trainer(base_model, sft_adapter_dir, records, Path(scratch), params, on_log)
+        return _run(trainer, records, output_dir)
+
+
+def load_policy(base_model: str, adapter_dir: Path | None = None):
+    """(model, tokenizer) in eval mode for generation: the base, plus the adapter when given."""
+    from peft import PeftModel
+
+    model, tokenizer = load_model_and_tokenizer(base_model)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    if torch.cuda.is_available() and not getattr(model, "hf_device_map", None):
+        model = model.to("cuda")
+    return model.eval(), tokenizer

@@ -1,0 +1,163 @@
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from dpo_driver.model import load_model_and_tokenizer
+from dpo_driver.training import (
+    DPOParams,
+    SFTParams,
+    build_dpo_trainer,
+    build_sft_trainer,
+    load_policy,
+    train_dpo,
+    train_sft,
+)
+
+NAMES = ["okay", "Cancel", "Submit", "Next"]
+SFT_RECORDS = [
+    {
+        "prompt": [{"role": "user", "content": f'Task: Click on the "{n}" button.\n{i}. button "{n}"'}],
+        "completion": [{"role": "assistant", "content": f'click button "{n}"'}],
+    }
+    for i in range(1, 5)
+    for n in NAMES
+]
+DPO_RECORDS = [
+    {
+        "prompt": r["prompt"],
+        "chosen": r["completion"],
+        "rejected": [{"role": "assistant", "content": 'type textbox "Myron"'}],
+    }
+    for r in SFT_RECORDS
+]
+# A high LR so the SFT adapter is far from identity (LoRA B starts at zero, so untrained == base).
+SFT = SFTParams(learning_rate=1e-2, num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1)
+DPO = DPOParams(learning_rate=1e-3, per_device_train_batch_size=4, logging_steps=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_DRIVER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    logs = []
+    out = tmp_path_factory.mktemp("run") / "sft"
+    result = train_sft("tiny-random", SFT_RECORDS, out, SFT, on_log=logs.append)
+    return result, logs
+
+
+def seq_logps(model, batch) -> torch.Tensor:
+    """Summed log-prob of the completion tokens of each row, computed independently of TRL."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (logp * batch["completion_mask"][:, 1:]).sum(1)
+
+
+def test_sft_writes_a_trained_adapter(sft, tmp_path):
+    result, _ = sft
+    files = {p.name for p in result.adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert result.num_examples == len(SFT_RECORDS) and result.metrics["global_step"] == 8
+    assert {"train_loss", "train_runtime", "loss"} <= result.metrics.keys()
+    # Every LoRA tensor moved away from its init; two fresh builds agree, so that init is the real one.
+    init = [
+        get_peft_model_state_dict(build_sft_trainer("tiny-random", SFT_RECORDS, tmp_path, SFT).model)
+        for _ in "ab"
+    ]
+    assert all(torch.equal(init[0][k], init[1][k]) for k in init[0])
+    trained = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert trained.keys() == init[0].keys() and len(trained) > 0
+    assert [k for k in trained if torch.equal(trained[k], init[0][k])] == []
+    base, _ = load_model_and_tokenizer("tiny-random")
+    assert isinstance(PeftModel.from_pretrained(base, result.adapter_dir), PeftModel)
+
+
+def test_sft_reports_progress_and_learns(sft):
+    result, logs = sft
+    steps = [log for log in logs if "loss" in log]
+    assert [log["step"] for log in steps] == list(range(1, 9)) and all(log["max_steps"] == 8 for log in logs)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert "train_runtime" in logs[-1]
+    # The demos became more likely under the SFT policy than under the base model.
+    tuned, tok = load_policy("tiny-random", result.adapter_dir)
+    base, _ = load_policy("tiny-random", None)
+    assert not tuned.training
+    for record in SFT_RECORDS[:4]:
+        ids = tok.apply_chat_template(record["prompt"] + record["completion"])["input_ids"]
+        n_prompt = len(tok.apply_chat_template(record["prompt"], add_generation_prompt=True)["input_ids"])
+        batch = {
+            "input_ids": torch.tensor([ids]),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+            "completion_mask": torch.tensor([[0] * n_prompt + [1] * (len(ids) - n_prompt)]),
+        }
+        assert seq_logps(tuned, batch) > seq_logps(base, batch) + 1.0
+
+
+def test_sft_without_records_writes_nothing(tmp_path):
+    out = tmp_path / "nested" / "sft"
+    with pytest.raises(ValueError, match="no records"):
+        train_sft("tiny-random", [], out, SFT)
+    assert not (tmp_path / "nested").exists()
+
+
+def test_dpo_trains_the_sft_adapter(sft, tmp_path):
+    sft_result, _ = sft
+    logs = []
+    result = train_dpo(
+        "tiny-random", sft_result.adapter_dir, DPO_RECORDS, tmp_path / "dpo", DPO, on_log=logs.append
+    )
+    files = {p.name for p in result.adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not (result.adapter_dir / "ref").exists()  # the frozen reference copy is not part of the result
+    before = load_file(sft_result.adapter_dir / "adapter_model.safetensors")
+    after = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert after.keys() == before.keys()
+    assert [k for k in after if torch.equal(after[k], before[k])] == []
+    assert {"rewards/accuracies", "rewards/margins", "rewards/chosen", "train_loss"} <= result.metrics.keys()
+    assert result.metrics["rewards/margins"] > 0
+    assert logs[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)  # at step 1 the policy is the reference
+
+
+def test_dpo_reference_is_the_frozen_sft_policy(sft, tmp_path):
+    sft_dir = sft[0].adapter_dir
+    trainer = build_dpo_trainer("tiny-random", sft_dir, DPO_RECORDS, tmp_path, DPO)
+    batch = next(iter(trainer.get_train_dataloader()))
+    sft_policy, _ = load_policy("tiny-random", sft_dir)
+    base, _ = load_policy("tiny-random", None)
+    want, bare = seq_logps(sft_policy, batch), seq_logps(base, batch)
+    assert (want - bare).abs().min() > 1.0  # the SFT adapter is far from identity
+
+    def ref_logps():
+        return torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+
+    torch.testing.assert_close(ref_logps(), want, atol=1e-3, rtol=1e-4)
+    trainer.train()
+    torch.testing.assert_close(ref_logps(), want, atol=1e-3, rtol=1e-4)  # still frozen after updates
+    trainer.model.eval()
+    assert (seq_logps(trainer.model, batch) - want).abs().max() > 0.1  # while the policy moved
+
+
+def test_dpo_without_records_writes_nothing(sft, tmp_path):
+    with pytest.raises(ValueError, match="no records"):
+        train_dpo("tiny-random", sft[0].adapter_dir, [], tmp_path / "dpo", DPO)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rerun_replaces_the_previous_adapter_whole(tmp_path):
+    from dpo_driver.training import _replace_dir
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "stale.bin").write_text("old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "adapter_model.safetensors").write_text("new")
+    _replace_dir(tmp_path / "new", tmp_path / "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert [p.name for p in (tmp_path / "adapter").iterdir()] == ["adapter_model.safetensors"]
