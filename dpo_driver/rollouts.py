@@ -155,3 +155,14 @@ def run_episodes(
                         on_progress({"done": done, "total": total, "task": task, "episodes_per_second": done / elapsed if elapsed else 0.0,
                                      "success_so_far": sum(e["success"] for e in episodes) / done})
     return episodes
+
+
+def first_prompts(tasks: list[str], seeds: list[int], chrome_binary: str | None = None, chromedriver: str | None = None) -> dict[tuple[str, int], str]:
+    """The step-0 prompt of every (task, seed): what decontamination compares training pairs against."""
+    prompts = {}
+    for task in tasks:
+        with WebEnv(task, chrome_binary, chromedriver) as env:
+            for seed in seeds:
+                obs, _ = env.reset(seed)
+                prompts[(task, seed)] = render_prompt(obs)
+    return prompts

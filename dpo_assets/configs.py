@@ -1,0 +1,60 @@
+"""Typed run config for each asset. Field names match the TRL/PEFT arguments they are passed to."""
+
+from __future__ import annotations
+
+import dagster as dg
+from pydantic import Field
+
+
+class SFTAdapterConfig(dg.Config):
+    demos_path: str = Field("", description="JSONL of golden demos; empty = generate them with the scripted experts on demo seeds")
+    lora_r: int = Field(16, description="LoRA rank (peft.LoraConfig.r)")
+    lora_alpha: int = Field(32, description="LoRA scaling (peft.LoraConfig.lora_alpha)")
+    lora_dropout: float = Field(0.05, description="peft.LoraConfig.lora_dropout")
+    learning_rate: float = Field(2e-4, description="trl.SFTConfig.learning_rate")
+    num_train_epochs: float = Field(3.0, description="trl.SFTConfig.num_train_epochs")
+    per_device_train_batch_size: int = Field(8, description="trl.SFTConfig.per_device_train_batch_size")
+    gradient_accumulation_steps: int = Field(1, description="trl.SFTConfig.gradient_accumulation_steps")
+    max_length: int = Field(512, description="trl.SFTConfig.max_length (tokens); longer demos are truncated")
+    seed: int = Field(0, description="training seed")
+
+
+class RolloutConfig(dg.Config):
+    samples_per_seed: int = Field(4, description="K: sampled episodes per task seed")
+    temperature: float = Field(1.0, description="sampling temperature (0 = greedy)")
+    top_k: int = Field(0, description="top-k sampling cutoff; 0 = off")
+    top_p: float = Field(1.0, description="nucleus sampling cutoff")
+    max_new_tokens: int = Field(24, description="tokens generated per action")
+    max_steps: int = Field(4, description="steps before an episode is cut off as a failure")
+    batch_size: int = Field(16, description="prompts per generate() call")
+    seed: int = Field(0, description="sampling seed")
+
+
+class PairsConfig(dg.Config):
+    min_margin: float = Field(0.5, description="minimum score gap between chosen and rejected episode")
+    max_pairs_per_prompt: int = Field(2, description="cap on pairs from one (task, seed)")
+    rejected_must_parse: bool = Field(True, description="only well-formed (but wrong) actions may be rejected")
+    success_weight: float = Field(1.0, description="episode score: weight of task success")
+    reward_weight: float = Field(0.1, description="episode score: weight of MiniWoB's time-decayed reward")
+    step_penalty: float = Field(0.02, description="episode score: penalty per step")
+    invalid_penalty: float = Field(0.5, description="episode score: penalty for an invalid action")
+
+
+class DPOAdapterConfig(dg.Config):
+    beta: float = Field(0.1, description="trl.DPOConfig.beta: strength of the KL tie to the reference (SFT) policy")
+    loss_type: list[str] = Field(["sigmoid"], description="trl.DPOConfig.loss_type; e.g. ['sigmoid', 'sft'] mixes in an SFT term on chosen")
+    loss_weights: list[float] | None = Field(None, description="trl.DPOConfig.loss_weights, one per loss_type")
+    learning_rate: float = Field(5e-5, description="trl.DPOConfig.learning_rate")
+    num_train_epochs: float = Field(1.0, description="trl.DPOConfig.num_train_epochs")
+    per_device_train_batch_size: int = Field(4, description="trl.DPOConfig.per_device_train_batch_size")
+    gradient_accumulation_steps: int = Field(1, description="trl.DPOConfig.gradient_accumulation_steps")
+    max_length: int = Field(512, description="trl.DPOConfig.max_length (tokens)")
+    seed: int = Field(0, description="training seed")
+
+
+class EvaluationConfig(dg.Config):
+    max_new_tokens: int = Field(24, description="tokens generated per action (greedy)")
+    max_steps: int = Field(4, description="steps before an episode is cut off as a failure")
+    batch_size: int = Field(16, description="prompts per generate() call")
+    confidence: float = Field(0.95, description="level of every reported interval")
+    n_boot: int = Field(10000, description="paired bootstrap resamples for the DPO - SFT difference")

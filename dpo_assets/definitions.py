@@ -1,0 +1,54 @@
+"""The one place that wires assets, checks, jobs, sensors and resources together."""
+
+import os
+
+import dagster as dg
+
+from dpo_assets.checks import CHECKS
+from dpo_assets.dpo import dpo_adapter
+from dpo_assets.evaluation import evaluation_report
+from dpo_assets.pairs import preference_pairs
+from dpo_assets.presets import preset
+from dpo_assets.rollouts import rollout_trajectories
+from dpo_assets.schedules import improvement_round, improvement_round_schedule
+from dpo_assets.sft import sft_adapter
+from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
+from sensors import new_demos_sensor, regression_sensor
+
+ASSETS = [sft_adapter, rollout_trajectories, preference_pairs, dpo_adapter, evaluation_report]
+
+# Same keys in every deployment (a test asserts it); values differ only in where things live.
+RESOURCES_BY_DEPLOYMENT = {
+    "local": {
+        "policy_model": PolicyModel(),
+        "task_suite": TaskSuite(),
+        "web_env": WebEnvironment(),
+        "artifact_store": ArtifactStore(),
+        "tracker": MLflowTracker(),
+    },
+    "prod": {
+        "policy_model": PolicyModel(model=dg.EnvVar("DPO_BASE_MODEL"), cache_dir=dg.EnvVar("DPO_MODEL_CACHE")),
+        "task_suite": TaskSuite(),
+        "web_env": WebEnvironment(),
+        "artifact_store": ArtifactStore(root=dg.EnvVar("DPO_ARTIFACT_ROOT")),
+        "tracker": MLflowTracker(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI")),
+    },
+}
+
+deployment = os.environ.get("DPO_DEPLOYMENT", "local")
+if deployment not in RESOURCES_BY_DEPLOYMENT:
+    raise ValueError(f"DPO_DEPLOYMENT={deployment!r}; expected one of {sorted(RESOURCES_BY_DEPLOYMENT)}")
+
+dpo_loop = dg.define_asset_job("dpo_loop", selection=dg.AssetSelection.assets(*ASSETS), config=preset("default"),
+                               description="The whole loop on the embedded default model (README run).")
+dpo_loop_tiny = dg.define_asset_job("dpo_loop_tiny", selection=dg.AssetSelection.assets(*ASSETS), config=preset("tiny"),
+                                    description="The whole loop on the tiny-random model: plumbing check in about a minute.")
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=CHECKS,
+    jobs=[dpo_loop, dpo_loop_tiny, improvement_round],
+    schedules=[improvement_round_schedule],
+    sensors=[new_demos_sensor, regression_sensor],
+    resources=RESOURCES_BY_DEPLOYMENT[deployment],
+)

@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from dpo_assets._common import train_logger
+from dpo_assets.configs import DPOAdapterConfig
+from dpo_driver.io import atomic_dir
+from dpo_driver.pairs import to_dpo_records
+from dpo_driver.training import DPOParams, train_dpo
+from resources import ArtifactStore, MLflowTracker, PolicyModel
+
+
+@dg.asset(group_name="dpo_loop", kinds={"pytorch", "mlflow"}, pool="training")
+def dpo_adapter(
+    context: dg.AssetExecutionContext,
+    config: DPOAdapterConfig,
+    sft_adapter: dict,
+    preference_pairs: pd.DataFrame,
+    policy_model: PolicyModel,
+    artifact_store: ArtifactStore,
+    tracker: MLflowTracker,
+) -> dg.MaterializeResult:
+    """TRL DPO continuing the SFT adapter; the frozen SFT policy is the reference."""
+    if preference_pairs.empty:
+        raise ValueError("preference_pairs is empty: no prompt had both a success and a failure; "
+                         "raise rollout samples_per_seed or temperature, or add rollout seeds")
+    records = to_dpo_records(preference_pairs)
+    params = DPOParams(**config.model_dump(), load_in_4bit=policy_model.load_in_4bit)
+    out = artifact_store.path_for("dpo_adapter", context.run_id)
+    context.log.info(f"DPO on {len(records)} pairs from SFT adapter {sft_adapter['adapter_dir']}")
+    with tracker.tracker().stage_run("dpo", {**config.model_dump(), "pairs": len(records),
+                                             "sft_run_id": sft_adapter["mlflow_run_id"]},
+                                     tags={"dagster_run_id": context.run_id}) as run:
+        with atomic_dir(out) as tmp:
+            result = train_dpo(sft_adapter["base_model"], Path(sft_adapter["adapter_dir"]), records, tmp / "adapter",
+                               params, on_log=train_logger(context, "dpo"))
+        run.log_metrics(result.metrics)
+        run.log_artifacts(out / "adapter", "adapter")
+    value = {**sft_adapter, "adapter_dir": str(out / "adapter"), "sft_adapter_dir": sft_adapter["adapter_dir"],
+             "num_examples": result.num_examples, "mlflow_run_id": run.run_id}
+    return dg.MaterializeResult(
+        value=value,
+        metadata={
+            "adapter_dir": dg.MetadataValue.path(value["adapter_dir"]),
+            "reference_policy": f"SFT adapter {sft_adapter['adapter_dir']}",
+            "pairs": len(records),
+            **{k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            "mlflow_run_id": run.run_id,
+        },
+    )

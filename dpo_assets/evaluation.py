@@ -1,0 +1,70 @@
+import json
+
+import dagster as dg
+import pandas as pd
+
+from dpo_assets._common import episode_logger
+from dpo_assets.configs import EvaluationConfig
+from dpo_driver.io import atomic_dir, atomic_write_jsonl, atomic_write_text
+from dpo_driver.policy import LMPolicy, Sampling
+from dpo_driver.report import build_report, plot_report
+from dpo_driver.rollouts import run_episodes
+from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
+
+
+@dg.asset(group_name="dpo_loop", kinds={"pytorch", "mlflow"})
+def evaluation_report(
+    context: dg.AssetExecutionContext,
+    config: EvaluationConfig,
+    sft_adapter: dict,
+    dpo_adapter: dict,
+    policy_model: PolicyModel,
+    task_suite: TaskSuite,
+    web_env: WebEnvironment,
+    artifact_store: ArtifactStore,
+    tracker: MLflowTracker,
+) -> dg.MaterializeResult:
+    """SFT vs DPO success per task on held-out seeds (greedy), with intervals, a plot and a decision."""
+    tasks = task_suite.task_list()
+    plan = task_suite.plan()  # asserts eval seeds are disjoint from demo and rollout seeds
+    chrome, driver = web_env.browser()
+    greedy = Sampling(temperature=0.0, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    episodes = []
+    for name, adapter in (("sft", sft_adapter), ("dpo", dpo_adapter)):
+        model, tokenizer = policy_model.load(adapter["adapter_dir"])
+        episodes += run_episodes(LMPolicy(model, tokenizer), tasks, list(plan.eval), 1, greedy, config.max_steps,
+                                 policy_name=name, chrome_binary=chrome, chromedriver=driver,
+                                 on_progress=episode_logger(context, f"eval {name}"))
+        del model
+    frame = pd.DataFrame(episodes)
+    crashed = frame[frame["env_error"]]
+    if len(crashed):
+        # A browser fault says nothing about either policy: drop that seed for both so the comparison stays paired.
+        bad = set(zip(crashed["task"], crashed["seed"]))
+        context.log.warning(f"{len(bad)} (task, seed) dropped from evaluation after browser errors")
+        frame = frame[[(t, s) not in bad for t, s in zip(frame["task"], frame["seed"])]]
+    report = build_report(frame, baseline="sft", candidate="dpo", confidence=config.confidence, n_boot=config.n_boot)
+    out = artifact_store.path_for("evaluation_report", context.run_id)
+    with tracker.tracker().stage_run("evaluation", {**config.model_dump(), "tasks": tasks, "eval_seeds": len(plan.eval),
+                                                    "sft_run_id": sft_adapter["mlflow_run_id"],
+                                                    "dpo_run_id": dpo_adapter["mlflow_run_id"]},
+                                     tags={"dagster_run_id": context.run_id, "decision": report.decision}) as run:
+        with atomic_dir(out) as tmp:
+            atomic_write_jsonl(tmp / "episodes.jsonl", frame.to_dict("records"))
+            atomic_write_text(tmp / "report.md", report.markdown + "\n")
+            atomic_write_text(tmp / "report.json", json.dumps(report.summary, indent=2) + "\n")
+            plot_report(report, tmp / "success_by_task.png")
+        run.log_metrics({k: v for k, v in report.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        run.log_artifacts(out, "report")
+    context.log.info(f"evaluation report: {out / 'report.md'}\n{report.markdown}")
+    return dg.MaterializeResult(
+        value={"report_dir": str(out), "decision": report.decision, "summary": report.summary,
+               "eval_seeds": sorted({int(s) for s in frame["seed"]})},
+        metadata={
+            "report": dg.MetadataValue.md(report.markdown),
+            "decision": report.decision,
+            "report_dir": dg.MetadataValue.path(str(out)),
+            "plot": dg.MetadataValue.path(str(out / "success_by_task.png")),
+            "mlflow_run_id": run.run_id,
+        },
+    )

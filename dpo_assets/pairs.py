@@ -1,0 +1,40 @@
+import dagster as dg
+import pandas as pd
+
+from dpo_assets.configs import PairsConfig
+from dpo_driver.io import atomic_dir, atomic_write_jsonl
+from dpo_driver.pairs import PairParams, ScoreWeights, build_preference_pairs, pair_yield, to_dpo_records
+from resources import ArtifactStore, MLflowTracker
+
+
+@dg.asset(group_name="dpo_loop", kinds={"pandas", "mlflow"})
+def preference_pairs(
+    context: dg.AssetExecutionContext,
+    config: PairsConfig,
+    rollout_trajectories: pd.DataFrame,
+    artifact_store: ArtifactStore,
+    tracker: MLflowTracker,
+) -> dg.MaterializeResult:
+    """Success vs failure from the same state: scored, margin-filtered, deduplicated (TRL preference JSONL)."""
+    episodes = rollout_trajectories.to_dict("records")
+    params = PairParams(config.min_margin, config.max_pairs_per_prompt, config.rejected_must_parse)
+    weights = ScoreWeights(config.success_weight, config.reward_weight, config.step_penalty, config.invalid_penalty)
+    pairs = build_preference_pairs(episodes, params, weights)
+    stats = pair_yield(episodes, pairs)
+    out = artifact_store.path_for("preference_pairs", context.run_id)
+    with tracker.tracker().stage_run("pairs", config.model_dump(), tags={"dagster_run_id": context.run_id}) as run:
+        with atomic_dir(out) as tmp:
+            atomic_write_jsonl(tmp / "pairs.jsonl", to_dpo_records(pairs))
+        run.log_metrics({**stats, "mean_margin": float(pairs["margin"].mean()) if len(pairs) else 0.0})
+        run.log_artifact(out / "pairs.jsonl")
+    context.log.info(f"{len(pairs)} pairs from {stats['prompts_with_both']}/{stats['prompts']} prompts with both outcomes")
+    per_task = pairs.groupby("task").size().rename("pairs").to_frame() if len(pairs) else pd.DataFrame({"pairs": []})
+    return dg.MaterializeResult(
+        value=pairs,
+        metadata={
+            "path": dg.MetadataValue.path(str(out / "pairs.jsonl")),
+            "per_task": dg.MetadataValue.md(per_task.to_markdown()),
+            **{k: float(v) for k, v in stats.items()},
+            "mlflow_run_id": run.run_id,
+        },
+    )

@@ -1,0 +1,61 @@
+"""Named run configs: `tiny` (plumbing, CI) and `default` (the README run on the embedded model).
+
+Each is a full Dagster run config (asset config + resource config), so the same preset drives
+`materialize()` in tests, the jobs in the UI launchpad, and `dagster job execute`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+# click-tab answers come from a three-way choice, so even a ~1M-parameter random model that has
+# learned the answer format succeeds on some samples and fails on others: pairs always exist.
+# Its logits stay nearly flat after LoRA SFT (right argmax, high entropy), so rollouts sample
+# from the top 3 tokens at temperature 0.7 rather than from the whole flat distribution.
+TINY = {
+    "resources": {
+        "policy_model": {"config": {"model": "tiny-random"}},
+        "task_suite": {"config": {"tasks": ["click-tab", "enter-text"], "demo_seeds": 6, "rollout_seeds": 4, "eval_seeds": 4}},
+    },
+    "ops": {
+        "sft_adapter": {"config": {"num_train_epochs": 10.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_length": 256}},
+        "rollout_trajectories": {"config": {"samples_per_seed": 4, "temperature": 0.7, "top_k": 3, "max_new_tokens": 12, "max_steps": 3}},
+        "preference_pairs": {"config": {"min_margin": 0.5, "rejected_must_parse": False}},
+        "dpo_adapter": {"config": {"num_train_epochs": 1.0, "per_device_train_batch_size": 2, "max_length": 256}},
+        "evaluation_report": {"config": {"max_new_tokens": 12, "max_steps": 3, "n_boot": 1000}},
+        "preference_pairs_gates": {"config": {"min_pairs": 1, "require_rejected_parses": False}},
+        "rollout_trajectories_gates": {"config": {}},
+    },
+}
+
+DEFAULT = {
+    "resources": {
+        "policy_model": {"config": {"model": "smollm2-135m"}},
+        "task_suite": {"config": {"tasks": ["click-button", "click-link", "click-tab", "enter-text"],
+                                  "demo_seeds": 10, "rollout_seeds": 30, "eval_seeds": 50}},
+    },
+    "ops": {
+        "sft_adapter": {"config": {"num_train_epochs": 3.0, "learning_rate": 2e-4}},
+        "rollout_trajectories": {"config": {"samples_per_seed": 4, "temperature": 1.0, "top_k": 20}},
+        "preference_pairs": {"config": {"min_margin": 0.5}},
+        "dpo_adapter": {"config": {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "learning_rate": 5e-5}},
+        "evaluation_report": {"config": {}},
+        "preference_pairs_gates": {"config": {"min_pairs": 50}},
+        "rollout_trajectories_gates": {"config": {}},
+    },
+}
+
+PRESETS = {"tiny": TINY, "default": DEFAULT}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+if __name__ == "__main__":  # `python -m dpo_assets.presets tiny` prints run config for `dagster asset materialize --config-json`
+    import json
+    import sys
+
+    print(json.dumps(preset(sys.argv[1] if len(sys.argv) > 1 else "default")))

@@ -1,0 +1,66 @@
+import json
+
+import dagster as dg
+import pandas as pd
+
+from dpo_assets._common import episode_logger
+from dpo_assets.configs import RolloutConfig
+from dpo_driver.io import atomic_dir, atomic_write_jsonl
+from dpo_driver.policy import LMPolicy, Sampling
+from dpo_driver.rollouts import run_episodes
+from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
+
+
+def episode_summary(episodes: pd.DataFrame) -> pd.DataFrame:
+    ok = episodes[~episodes["env_error"]]
+    return ok.groupby("task").agg(episodes=("success", "size"), success=("success", "mean"), mean_steps=("num_steps", "mean"))
+
+
+@dg.asset(group_name="dpo_loop", kinds={"pytorch", "mlflow"})
+def rollout_trajectories(
+    context: dg.AssetExecutionContext,
+    config: RolloutConfig,
+    sft_adapter: dict,
+    policy_model: PolicyModel,
+    task_suite: TaskSuite,
+    web_env: WebEnvironment,
+    artifact_store: ArtifactStore,
+    tracker: MLflowTracker,
+) -> dg.MaterializeResult:
+    """K sampled episodes per training seed of the SFT policy in real MiniWoB++; every step recorded."""
+    tasks = task_suite.task_list()
+    chrome, driver = web_env.browser()
+    model, tokenizer = policy_model.load(sft_adapter["adapter_dir"])
+    policy = LMPolicy(model, tokenizer)
+    sampling = Sampling(config.temperature, config.top_k, config.top_p, config.max_new_tokens, config.batch_size)
+    seeds = list(task_suite.plan().rollout)
+    context.log.info(f"rollouts: {len(tasks)} tasks x {len(seeds)} seeds x K={config.samples_per_seed}")
+    out = artifact_store.path_for("rollout_trajectories", context.run_id)
+    with tracker.tracker().stage_run("rollouts", {**config.model_dump(), "tasks": tasks, "num_seeds": len(seeds),
+                                                  "sft_run_id": sft_adapter["mlflow_run_id"]},
+                                     tags={"dagster_run_id": context.run_id}) as run:
+        episodes = run_episodes(policy, tasks, seeds, config.samples_per_seed, sampling, config.max_steps,
+                                policy_name="sft", chrome_binary=chrome, chromedriver=driver,
+                                on_progress=episode_logger(context, "rollouts"))
+        with atomic_dir(out) as tmp:
+            atomic_write_jsonl(tmp / "episodes.jsonl", episodes)
+        frame = pd.DataFrame(episodes)
+        summary = episode_summary(frame)
+        gen = policy.stats
+        metrics = {
+            "episodes": len(frame), "env_errors": int(frame["env_error"].sum()),
+            "success_rate": float(frame.loc[~frame["env_error"], "success"].mean()),
+            "gen_seconds": gen.seconds, "gen_new_tokens": gen.new_tokens, "gen_tokens_per_second": gen.tokens_per_second,
+        }
+        run.log_metrics(metrics)
+        run.log_artifact(out / "episodes.jsonl")
+    context.log.info(f"rollouts done: {metrics}")
+    return dg.MaterializeResult(
+        value=frame,
+        metadata={
+            "path": dg.MetadataValue.path(str(out / "episodes.jsonl")),
+            "per_task": dg.MetadataValue.md(summary.to_markdown()),
+            **metrics,
+            "mlflow_run_id": run.run_id,
+        },
+    )

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import dagster as dg
+
+from dpo_assets._common import train_logger
+from dpo_assets.configs import SFTAdapterConfig
+from dpo_driver.demos import generate_demos, load_demos
+from dpo_driver.io import atomic_dir, atomic_write_jsonl
+from dpo_driver.training import SFTParams, train_sft
+from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
+
+
+@dg.asset(group_name="dpo_loop", kinds={"pytorch", "mlflow"}, pool="training")
+def sft_adapter(
+    context: dg.AssetExecutionContext,
+    config: SFTAdapterConfig,
+    policy_model: PolicyModel,
+    task_suite: TaskSuite,
+    web_env: WebEnvironment,
+    artifact_store: ArtifactStore,
+    tracker: MLflowTracker,
+) -> dg.MaterializeResult:
+    """LoRA SFT (TRL SFTTrainer) of the base model on golden demonstrations."""
+    tasks = task_suite.task_list()
+    base = policy_model.resolve()  # fails fast on an unknown model, before any output exists
+    if config.demos_path:
+        demos = load_demos(Path(config.demos_path))
+        source = config.demos_path
+    else:
+        chrome, driver = web_env.browser()
+        demos = generate_demos(tasks, list(task_suite.plan().demo), chrome, driver,
+                               on_episode=lambda t, s, ok: context.log.debug(f"demo {t} seed {s}: {'ok' if ok else 'expert failed'}"))
+        source = "scripted experts"
+    if not demos:
+        raise ValueError("no golden demonstrations: the experts solved no demo seed; check the task suite")
+    context.log.info(f"{len(demos)} demo steps from {source}; training LoRA SFT on {base}")
+    params = SFTParams(**config.model_dump(exclude={"demos_path"}), load_in_4bit=policy_model.load_in_4bit)
+    out = artifact_store.path_for("sft_adapter", context.run_id)
+    with tracker.tracker().stage_run("sft", {**config.model_dump(), "base_model": policy_model.model, "tasks": tasks},
+                                     tags={"dagster_run_id": context.run_id}) as run:
+        with atomic_dir(out) as tmp:
+            atomic_write_jsonl(tmp / "demos.jsonl", demos)
+            result = train_sft(base, demos, tmp / "adapter", params, on_log=train_logger(context, "sft"))
+        run.log_metrics(result.metrics)
+        run.log_artifact(out / "demos.jsonl")
+        run.log_artifacts(out / "adapter", "adapter")
+    value = {"adapter_dir": str(out / "adapter"), "base_model": base, "model": policy_model.model,
+             "num_examples": result.num_examples, "mlflow_run_id": run.run_id}
+    return dg.MaterializeResult(
+        value=value,
+        metadata={
+            "adapter_dir": dg.MetadataValue.path(value["adapter_dir"]),
+            "base_model": base,
+            "demo_steps": len(demos),
+            "demo_source": source,
+            **{k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            "mlflow_run_id": run.run_id,
+        },
+    )

@@ -1,0 +1,33 @@
+import dagster as dg
+
+from dpo_assets import definitions
+from dpo_assets.presets import PRESETS
+
+FIVE = {"sft_adapter", "rollout_trajectories", "preference_pairs", "dpo_adapter", "evaluation_report"}
+
+
+def test_definitions_load_with_the_five_assets_in_order():
+    defs = definitions.defs
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert FIVE <= keys
+    parents = {k: {p.to_user_string() for p in graph.get(dg.AssetKey(k)).parent_keys} for k in FIVE}
+    assert parents["rollout_trajectories"] == {"sft_adapter"}
+    assert parents["preference_pairs"] == {"rollout_trajectories"}
+    assert parents["dpo_adapter"] == {"sft_adapter", "preference_pairs"}
+    assert parents["evaluation_report"] == {"sft_adapter", "dpo_adapter"}
+    for job in ("dpo_loop", "dpo_loop_tiny"):
+        assert defs.resolve_job_def(job) is not None
+
+
+def test_deployments_offer_the_same_resource_keys():
+    keysets = {name: set(r) for name, r in definitions.RESOURCES_BY_DEPLOYMENT.items()}
+    assert len(set(map(frozenset, keysets.values()))) == 1, keysets
+
+
+def test_presets_are_valid_run_config_for_the_job():
+    job = definitions.defs.resolve_job_def("dpo_loop")
+    for name, cfg in PRESETS.items():
+        assert job.run_config_schema.config_type is not None
+        result = dg.validate_run_config(job, cfg)
+        assert result, name
