@@ -35,10 +35,14 @@ def preset_name() -> str:
 
 
 def improvement_run_config(base: dict, samples_factor: int = 1) -> dict:
-    """``base`` (a preset or an earlier run's config) cut to the improvement assets, with K x ``samples_factor``."""
-    names = {a.key.to_user_string() for a in IMPROVEMENT_ASSETS}
+    """``base`` (a preset or an earlier run's config) cut to the improvement assets, with K x ``samples_factor``.
+
+    Keeps the config of those assets' checks too: check ops are named ``<asset>_<property>``.
+    """
+    names = [a.key.to_user_string() for a in IMPROVEMENT_ASSETS]
     config = copy.deepcopy(base)
-    config["ops"] = {k: v for k, v in config.get("ops", {}).items() if k in names}
+    config["ops"] = {op: v for op, v in config.get("ops", {}).items()
+                     if any(op == n or op.startswith(f"{n}_") for n in names)}
     rollout = config["ops"].setdefault("rollout_trajectories", {}).setdefault("config", {})
     k = rollout.get("samples_per_seed", RolloutConfig.model_fields["samples_per_seed"].default)
     rollout["samples_per_seed"] = k * samples_factor
