@@ -87,6 +87,30 @@ def champion_adapter_dir(tracker: Tracker, name: str = MODEL_NAME, dst: str | Pa
     return None if version is None else adapter_dir(tracker, version, dst)
 
 
+def acting_adapter(tracker: Tracker, fallback_dir: str | Path, base_model: str, name: str = MODEL_NAME,
+                   dst: str | Path | None = None) -> tuple[Path, str]:
+    """(adapter folder, label) the rollouts act with: the champion if it was trained on ``base_model``
+    (its ``base_model`` tag), else ``fallback_dir`` (the SFT adapter). The label says which and why."""
+    best = champion(tracker, name)
+    if best is None:
+        return Path(fallback_dir), "sft (no champion yet)"
+    trained_on = best.tags.get("base_model")
+    if trained_on != base_model:
+        return Path(fallback_dir), f"sft (champion v{best.version} was trained on base model {trained_on!r}, not {base_model!r})"
+    return adapter_dir(tracker, best, dst), f"champion v{best.version}"
+
+
+def record_evaluation(tracker: Tracker, dpo_run_id: str, decision: str, reason: str, base_model: str,
+                      tags: dict | None = None, name: str = MODEL_NAME) -> ModelVersion:
+    """Register the evaluated DPO adapter (always, so every candidate is on record) and move
+    ``champion`` to it only when ``decision`` is "promote"."""
+    version = register_adapter(tracker, dpo_run_id, name=name,
+                               tags={**(tags or {}), "decision": decision, "base_model": base_model})
+    if decision == "promote":
+        return promote(tracker, name, version.version, reason)
+    return version
+
+
 def promote(tracker: Tracker, name: str, version: str | int, reason: str) -> ModelVersion:
     """Move ``champion`` to ``version`` and record why. Promoting the current champion changes nothing."""
     return _move(tracker, name, str(version), reason, "promote")

@@ -7,7 +7,8 @@ import pytest
 from mlflow import MlflowClient
 
 from dpo_driver import registry
-from dpo_driver.registry import alias_history, champion, champion_adapter_dir, promote, register_adapter, rollback
+from dpo_driver.registry import (acting_adapter, alias_history, champion, champion_adapter_dir, promote, record_evaluation,
+                                 register_adapter, rollback)
 
 NAME = "test-policy"
 
@@ -145,3 +146,22 @@ def test_cli_without_a_store_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_HOME", str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match="no MLflow store at"):
         registry.main(["history"])
+
+
+def test_record_evaluation_registers_every_candidate_and_promotes_only_on_promote(tracker, tmp_path):
+    kept = record_evaluation(tracker, logged_adapter(tracker, tmp_path, "a"), "keep previous", "no gain", "tiny-random", name=NAME)
+    assert champion(tracker, NAME) is None and kept.tags["decision"] == "keep previous"
+    won = record_evaluation(tracker, logged_adapter(tracker, tmp_path, "b"), "promote", "+10 points", "tiny-random",
+                            tags={"evaluation_run_id": "e1"}, name=NAME)
+    assert alias_of(tracker) == str(won.version) == "2"
+    assert won.tags["evaluation_run_id"] == "e1" and alias_history(tracker, NAME)[-1]["reason"] == "+10 points"
+
+
+def test_rollouts_act_with_the_champion_of_their_base_model_else_the_sft_adapter(tracker, tmp_path):
+    sft = tmp_path / "sft-adapter"
+    assert acting_adapter(tracker, sft, "tiny-random", name=NAME) == (sft, "sft (no champion yet)")
+    record_evaluation(tracker, logged_adapter(tracker, tmp_path, "a"), "promote", "won", "tiny-random", name=NAME)
+    folder, label = acting_adapter(tracker, sft, "tiny-random", name=NAME)
+    assert label == "champion v1" and json.loads((folder / "adapter_config.json").read_text()) == {"label": "a"}
+    folder, label = acting_adapter(tracker, sft, "smollm2-135m", name=NAME)  # champion is for another base model
+    assert folder == sft and "trained on base model 'tiny-random'" in label
