@@ -153,18 +153,27 @@ def build_sft_trainer(
     scratch_dir: Path,
     params: SFTParams,
     on_log: Callable[[dict], None] | None = None,
+    init_adapter_dir: Path | None = None,
 ):
-    """An SFTTrainer with a fresh LoRA adapter on `base_model`; checkpoints would go to `scratch_dir`."""
+    """An SFTTrainer with a fresh LoRA adapter on `base_model`, or continuing `init_adapter_dir`.
+
+    Continuing an adapter is how rejection-sampling fine-tuning (the RFT control) extends the
+    SFT policy with the same LoRA shape DPO trains; the LoRA fields of `params` are then unused.
+    """
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from trl import SFTConfig, SFTTrainer
 
     _check_records(records, "train_sft", ("prompt", "completion"))
     model, tokenizer = _load_base(base_model, params)
-    lora = LoraConfig(
-        r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-        target_modules=params.target_modules, task_type="CAUSAL_LM",
-    )
+    lora = None
+    if init_adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+            target_modules=params.target_modules, task_type="CAUSAL_LM",
+        )
     return SFTTrainer(
         model=model,
         args=SFTConfig(**_trainer_args(params, Path(scratch_dir))),
@@ -181,13 +190,14 @@ def train_sft(
     output_dir: Path,
     params: SFTParams,
     on_log: Callable[[dict], None] | None = None,
+    init_adapter_dir: Path | None = None,
 ) -> TrainResult:
     """LoRA SFT on prompt-completion demos; writes the adapter to `output_dir`."""
     _check_records(records, "train_sft", ("prompt", "completion"))
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.scratch-") as scratch:
-        trainer = build_sft_trainer(base_model, records, Path(scratch), params, on_log)
+        trainer = build_sft_trainer(base_model, records, Path(scratch), params, on_log, init_adapter_dir)
         return _run(trainer, records, output_dir)
 
 

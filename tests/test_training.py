@@ -161,3 +161,13 @@ def test_rerun_replaces_the_previous_adapter_whole(tmp_path):
     _replace_dir(tmp_path / "new", tmp_path / "adapter")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert [p.name for p in (tmp_path / "adapter").iterdir()] == ["adapter_model.safetensors"]
+
+
+def test_sft_can_continue_an_existing_adapter(sft, tmp_path):
+    """The RFT control continues the SFT adapter: training starts exactly from its weights."""
+    result, _ = sft
+    trainer = build_sft_trainer("tiny-random", SFT_RECORDS, tmp_path, SFT, init_adapter_dir=result.adapter_dir)
+    start = get_peft_model_state_dict(trainer.model)
+    saved = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
+    assert any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
