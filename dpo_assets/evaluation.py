@@ -7,6 +7,7 @@ from dpo_assets._common import episode_logger
 from dpo_assets.configs import EvaluationConfig
 from dpo_driver.io import atomic_dir, atomic_write_jsonl, atomic_write_text
 from dpo_driver.policy import LMPolicy, Sampling
+from dpo_driver.registry import record_evaluation
 from dpo_driver.report import build_report, plot_report
 from dpo_driver.rollouts import run_episodes
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
@@ -24,14 +25,24 @@ def evaluation_report(
     artifact_store: ArtifactStore,
     tracker: MLflowTracker,
 ) -> dg.MaterializeResult:
-    """SFT vs DPO success per task on held-out seeds (greedy), with intervals, a plot and a decision."""
+    """SFT vs DPO success per task on held-out seeds (greedy), with intervals, a plot and a decision.
+
+    The decision compares DPO with the policy it started from: the SFT adapter in the first
+    round, the champion in later ones (then evaluated as a third arm). Every DPO adapter is
+    registered in MLflow; the `champion` alias moves only on "promote".
+    """
     tasks = task_suite.task_list()
     plan = task_suite.plan()  # asserts eval seeds are disjoint from demo and rollout seeds
     chrome, driver = web_env.browser()
     greedy = Sampling(temperature=0.0, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    start = dpo_adapter.get("start_adapter_dir", sft_adapter["adapter_dir"])
+    arms = {"sft": sft_adapter["adapter_dir"], "dpo": dpo_adapter["adapter_dir"]}
+    if start != sft_adapter["adapter_dir"]:
+        arms["champion"] = start
+    baseline = "champion" if "champion" in arms else "sft"
     episodes = []
-    for name, adapter in (("sft", sft_adapter), ("dpo", dpo_adapter)):
-        model, tokenizer = policy_model.load(adapter["adapter_dir"])
+    for name, adapter_dir in arms.items():
+        model, tokenizer = policy_model.load(adapter_dir)
         episodes += run_episodes(LMPolicy(model, tokenizer), tasks, list(plan.eval), 1, greedy, config.max_steps,
                                  policy_name=name, chrome_binary=chrome, chromedriver=driver,
                                  on_progress=episode_logger(context, f"eval {name}"))
@@ -43,7 +54,7 @@ def evaluation_report(
         bad = set(zip(crashed["task"], crashed["seed"]))
         context.log.warning(f"{len(bad)} (task, seed) dropped from evaluation after browser errors")
         frame = frame[[(t, s) not in bad for t, s in zip(frame["task"], frame["seed"])]]
-    report = build_report(frame, baseline="sft", candidate="dpo", confidence=config.confidence, n_boot=config.n_boot)
+    report = build_report(frame, baseline=baseline, candidate="dpo", confidence=config.confidence, n_boot=config.n_boot)
     out = artifact_store.path_for("evaluation_report", context.run_id)
     with tracker.tracker().stage_run("evaluation", {**config.model_dump(), "tasks": tasks, "eval_seeds": len(plan.eval),
                                                     "sft_run_id": sft_adapter["mlflow_run_id"],
@@ -56,6 +67,12 @@ def evaluation_report(
             plot_report(report, tmp / "success_by_task.png")
         run.log_metrics({k: v for k, v in report.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.log_artifacts(out, "report")
+    diff_key = f"dpo_minus_{baseline}_points"
+    version = record_evaluation(
+        tracker.tracker(), dpo_adapter["mlflow_run_id"], report.decision,
+        reason=(f"evaluation {run.run_id}: dpo - {baseline} = {report.summary[diff_key]:+.1f} points "
+                f"[{report.summary['diff_ci_low_points']:+.1f}, {report.summary['diff_ci_high_points']:+.1f}]"),
+        base_model=dpo_adapter["model"], tags={"evaluation_run_id": run.run_id, "dagster_run_id": context.run_id})
     context.log.info(f"evaluation report: {out / 'report.md'}\n{report.markdown}")
     return dg.MaterializeResult(
         value={"report_dir": str(out), "decision": report.decision, "summary": report.summary,
@@ -63,6 +80,9 @@ def evaluation_report(
         metadata={
             "report": dg.MetadataValue.md(report.markdown),
             "decision": report.decision,
+            "baseline": baseline,
+            "model_version": str(version.version),
+            "champion": report.decision == "promote",
             "report_dir": dg.MetadataValue.path(str(out)),
             "plot": dg.MetadataValue.path(str(out / "success_by_task.png")),
             "mlflow_run_id": run.run_id,

@@ -20,6 +20,11 @@ def preference_pairs(
     params = PairParams(config.min_margin, config.max_pairs_per_prompt, config.rejected_must_parse)
     weights = ScoreWeights(config.success_weight, config.reward_weight, config.step_penalty, config.invalid_penalty)
     pairs = build_preference_pairs(episodes, params, weights)
+    # The policy the pairs were sampled from: DPO starts from it and uses it as the reference.
+    acted = sorted(set(rollout_trajectories.get("adapter_dir", pd.Series(dtype=str)).dropna()))
+    if len(acted) > 1:
+        raise ValueError(f"rollout_trajectories mixes episodes of several policies: {acted}")
+    pairs["policy_adapter"] = acted[0] if acted else None
     stats = pair_yield(episodes, pairs)
     out = artifact_store.path_for("preference_pairs", context.run_id)
     with tracker.tracker().stage_run("pairs", config.model_dump(), tags={"dagster_run_id": context.run_id}) as run:

@@ -7,6 +7,7 @@ from dpo_assets._common import episode_logger
 from dpo_assets.configs import RolloutConfig
 from dpo_driver.io import atomic_dir, atomic_write_jsonl
 from dpo_driver.policy import LMPolicy, Sampling
+from dpo_driver.registry import acting_adapter
 from dpo_driver.rollouts import run_episodes
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
 
@@ -27,17 +28,20 @@ def rollout_trajectories(
     artifact_store: ArtifactStore,
     tracker: MLflowTracker,
 ) -> dg.MaterializeResult:
-    """K sampled episodes per training seed of the SFT policy in real MiniWoB++; every step recorded."""
+    """K sampled episodes per training seed of the current champion (else the SFT policy) in real MiniWoB++."""
     tasks = task_suite.task_list()
     chrome, driver = web_env.browser()
-    model, tokenizer = policy_model.load(sft_adapter["adapter_dir"])
+    acting, acting_label = acting_adapter(tracker.tracker(), sft_adapter["adapter_dir"], policy_model.model,
+                                          dst=artifact_store.path_for("champion_adapter", context.run_id))
+    context.log.info(f"rollouts act with {acting_label}: {acting}")
+    model, tokenizer = policy_model.load(str(acting))
     policy = LMPolicy(model, tokenizer)
     sampling = Sampling(config.temperature, config.top_k, config.top_p, config.max_new_tokens, config.batch_size)
     seeds = list(task_suite.plan().rollout)
     context.log.info(f"rollouts: {len(tasks)} tasks x {len(seeds)} seeds x K={config.samples_per_seed}")
     out = artifact_store.path_for("rollout_trajectories", context.run_id)
     with tracker.tracker().stage_run("rollouts", {**config.model_dump(), "tasks": tasks, "num_seeds": len(seeds),
-                                                  "sft_run_id": sft_adapter["mlflow_run_id"]},
+                                                  "sft_run_id": sft_adapter["mlflow_run_id"], "acting_policy": acting_label},
                                      tags={"dagster_run_id": context.run_id}) as run:
         episodes = run_episodes(policy, tasks, seeds, config.samples_per_seed, sampling, config.max_steps,
                                 policy_name="sft", chrome_binary=chrome, chromedriver=driver,
@@ -45,6 +49,8 @@ def rollout_trajectories(
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "episodes.jsonl", episodes)
         frame = pd.DataFrame(episodes)
+        for ep in episodes:
+            ep["adapter_dir"] = str(acting)  # provenance: DPO continues from (and refers to) the policy that acted
         summary = episode_summary(frame)
         gen = policy.stats
         metrics = {
@@ -60,6 +66,7 @@ def rollout_trajectories(
         metadata={
             "path": dg.MetadataValue.path(str(out / "episodes.jsonl")),
             "per_task": dg.MetadataValue.md(summary.to_markdown()),
+            "acting_policy": acting_label,
             **metrics,
             "mlflow_run_id": run.run_id,
         },
