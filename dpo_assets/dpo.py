@@ -1,17 +1,17 @@
-from pathlib import Path
+from dataclasses import asdict
 
 import dagster as dg
 import pandas as pd
 
-from dpo_assets._common import train_logger
 from dpo_assets.configs import DPOAdapterConfig
-from dpo_driver.io import atomic_dir
+from dpo_driver.io import atomic_dir, atomic_write_jsonl
 from dpo_driver.pairs import to_dpo_records
-from dpo_driver.training import DPOParams, train_dpo
-from resources import ArtifactStore, MLflowTracker, PolicyModel
+from dpo_driver.train import JobSpec
+from dpo_driver.training import DPOParams
+from resources import ArtifactStore, MLflowTracker, PolicyModel, TrainingLauncher
 
 
-@dg.asset(group_name="dpo_loop", kinds={"pytorch", "mlflow"}, pool="training")
+@dg.asset(group_name="dpo_loop", kinds={"pytorch", "mlflow"}, pool="gpu")
 def dpo_adapter(
     context: dg.AssetExecutionContext,
     config: DPOAdapterConfig,
@@ -20,6 +20,7 @@ def dpo_adapter(
     policy_model: PolicyModel,
     artifact_store: ArtifactStore,
     tracker: MLflowTracker,
+    trainer: TrainingLauncher,
 ) -> dg.MaterializeResult:
     """TRL DPO continuing the SFT adapter; the frozen SFT policy is the reference."""
     if preference_pairs.empty:
@@ -33,19 +34,21 @@ def dpo_adapter(
                                              "sft_run_id": sft_adapter["mlflow_run_id"]},
                                      tags={"dagster_run_id": context.run_id}) as run:
         with atomic_dir(out) as tmp:
-            result = train_dpo(sft_adapter["base_model"], Path(sft_adapter["adapter_dir"]), records, tmp / "adapter",
-                               params, on_log=train_logger(context, "dpo"))
-        run.log_metrics(result.metrics)
+            atomic_write_jsonl(tmp / "pairs.jsonl", records)
+            spec = JobSpec("dpo", sft_adapter["base_model"], "pairs.jsonl", "adapter", params=asdict(params),
+                           sft_adapter_dir=sft_adapter["adapter_dir"])
+            result = trainer.train(context, spec.write(tmp / "dpo_job.json"))
+        run.log_metrics(result["metrics"])
         run.log_artifacts(out / "adapter", "adapter")
     value = {**sft_adapter, "adapter_dir": str(out / "adapter"), "sft_adapter_dir": sft_adapter["adapter_dir"],
-             "num_examples": result.num_examples, "mlflow_run_id": run.run_id}
+             "num_examples": result["num_examples"], "mlflow_run_id": run.run_id}
     return dg.MaterializeResult(
         value=value,
         metadata={
             "adapter_dir": dg.MetadataValue.path(value["adapter_dir"]),
             "reference_policy": f"SFT adapter {sft_adapter['adapter_dir']}",
             "pairs": len(records),
-            **{k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            **{k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))},
             "mlflow_run_id": run.run_id,
         },
     )

@@ -1,16 +1,18 @@
+from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
 
-from dpo_assets._common import train_logger
 from dpo_assets.configs import SFTAdapterConfig
 from dpo_driver.demos import generate_demos, load_demos
 from dpo_driver.io import atomic_dir, atomic_write_jsonl
-from dpo_driver.training import SFTParams, train_sft
-from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
+from dpo_driver.train import JobSpec
+from dpo_driver.training import SFTParams
+from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
 
 
-@dg.asset(group_name="dpo_loop", kinds={"pytorch", "mlflow"}, pool="training")
+# pool "gpu" (also dpo_adapter): two trainings never share a GPU; limit in docker/dagster.yaml.
+@dg.asset(group_name="dpo_loop", kinds={"pytorch", "mlflow"}, pool="gpu")
 def sft_adapter(
     context: dg.AssetExecutionContext,
     config: SFTAdapterConfig,
@@ -19,6 +21,7 @@ def sft_adapter(
     web_env: WebEnvironment,
     artifact_store: ArtifactStore,
     tracker: MLflowTracker,
+    trainer: TrainingLauncher,
 ) -> dg.MaterializeResult:
     """LoRA SFT (TRL SFTTrainer) of the base model on golden demonstrations."""
     tasks = task_suite.task_list()
@@ -40,12 +43,14 @@ def sft_adapter(
                                      tags={"dagster_run_id": context.run_id}) as run:
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "demos.jsonl", demos)
-            result = train_sft(base, demos, tmp / "adapter", params, on_log=train_logger(context, "sft"))
-        run.log_metrics(result.metrics)
+            # Paths relative to the spec's folder: the spec stays valid once tmp becomes `out`.
+            spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params))
+            result = trainer.train(context, spec.write(tmp / "sft_job.json"))
+        run.log_metrics(result["metrics"])
         run.log_artifact(out / "demos.jsonl")
         run.log_artifacts(out / "adapter", "adapter")
     value = {"adapter_dir": str(out / "adapter"), "base_model": base, "model": policy_model.model,
-             "num_examples": result.num_examples, "mlflow_run_id": run.run_id}
+             "num_examples": result["num_examples"], "mlflow_run_id": run.run_id}
     return dg.MaterializeResult(
         value=value,
         metadata={
@@ -53,7 +58,7 @@ def sft_adapter(
             "base_model": base,
             "demo_steps": len(demos),
             "demo_source": source,
-            **{k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))},
+            **{k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))},
             "mlflow_run_id": run.run_id,
         },
     )

@@ -15,7 +15,7 @@ from dpo_assets.definitions import ASSETS
 from dpo_assets.presets import preset
 from dpo_driver.actions import parse_action
 from dpo_driver.tasks import split_of
-from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
+from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,7 @@ def run(tmp_path_factory):
         "web_env": WebEnvironment(),
         "artifact_store": ArtifactStore(root=str(home / "artifacts")),
         "tracker": MLflowTracker(),  # the embedded default: SQLite + artifacts under $DPO_HOME
+        "trainer": TrainingLauncher(),  # the embedded default: a Pipes subprocess
     }
     (home / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(home / "dagster")) as instance:
