@@ -1,0 +1,226 @@
+"""Learning benchmark: does environment-feedback DPO make the agent better — and better than RFT?
+
+Runs the loop of a preset with plain functions (the same ones the Dagster assets call):
+demos -> SFT -> rollouts -> pairs -> DPO (one or more on-policy rounds), plus on the same pairs
+the RFT control (SFT continued on the chosen = successful actions, same steps, lr and batch),
+then greedy evaluation of SFT, DPO, RFT and a random-valid-action baseline on held-out seeds.
+Prints a table and writes JSON.
+
+    python benchmarks/learning.py --preset default --seed 0 --json benchmarks/results/learning.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dpo_assets.presets import preset
+from dpo_driver.demos import generate_demos
+from dpo_driver.io import atomic_write_text
+from dpo_driver.model import resolve_model
+from dpo_driver.pairs import PairParams, ScoreWeights, build_preference_pairs, pair_yield, to_dpo_records
+from dpo_driver.policy import LMPolicy, RandomPolicy, Sampling
+from dpo_driver.report import build_report
+from dpo_driver.rollouts import run_episodes
+from dpo_driver.stats import decide, paired_bootstrap_diff
+from dpo_driver.tasks import SeedPlan, check_tasks
+from dpo_driver.tracking import package_versions
+from dpo_driver.training import DPOParams, SFTParams, load_policy, train_dpo, train_sft
+
+
+class Clock:
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.tokens: dict[str, dict] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        yield
+        self.wall[name] = round(time.perf_counter() - t0, 1)
+        print(f"[{time.strftime('%H:%M:%S')}] {name} done in {self.wall[name]} s", flush=True)
+
+
+def _sampling(cfg: dict, greedy: bool) -> Sampling:
+    if greedy:
+        return Sampling(temperature=0.0, max_new_tokens=cfg.get("max_new_tokens", 24), batch_size=cfg.get("batch_size", 16))
+    return Sampling(cfg.get("temperature", 1.0), cfg.get("top_k", 0), cfg.get("top_p", 1.0),
+                    cfg.get("max_new_tokens", 24), cfg.get("batch_size", 16))
+
+
+def _act(clock: Clock, name: str, policy, tasks, seeds, k, sampling, max_steps) -> list[dict]:
+    with clock.stage(name):
+        eps = run_episodes(policy, tasks, seeds, k, sampling, max_steps, policy_name=name.split(":")[-1])
+    s = policy.stats
+    clock.tokens[name] = {"new_tokens": s.new_tokens, "prompt_tokens": s.prompt_tokens, "gen_seconds": round(s.seconds, 1),
+                          "tokens_per_second": round(s.tokens_per_second, 1)}
+    return eps
+
+
+def rft_records(pairs: pd.DataFrame) -> list[dict]:
+    """The RFT control's data: the chosen (successful) action of every pair, nothing from failures."""
+    return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in to_dpo_records(pairs)]
+
+
+def run(args) -> dict:
+    cfg = preset(args.preset)
+    ops = {k: v.get("config", {}) for k, v in cfg["ops"].items()}
+    suite = cfg["resources"]["task_suite"]["config"]
+    model_name = args.model or cfg["resources"]["policy_model"]["config"]["model"]
+    tasks = check_tasks(suite["tasks"])
+    plan = SeedPlan.build(suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"])
+    sft_cfg = {**ops["sft_adapter"], "seed": args.seed}
+    sft_cfg.pop("demos_path", None)
+    dpo_cfg = {**ops["dpo_adapter"], "seed": args.seed}
+    roll_cfg, eval_cfg = ops["rollout_trajectories"], ops["evaluation_report"]
+    pair_cfg = ops["preference_pairs"]
+    pair_params = PairParams(pair_cfg.get("min_margin", 0.5), pair_cfg.get("max_pairs_per_prompt", 2),
+                             pair_cfg.get("rejected_must_parse", True))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo-learning-"))
+    clock = Clock()
+    max_steps = roll_cfg.get("max_steps", 4)
+
+    with clock.stage("model"):
+        base = resolve_model(model_name)
+    with clock.stage("demos"):
+        demos = generate_demos(tasks, list(plan.demo))
+    with clock.stage("sft"):
+        sft = train_sft(base, demos, work / "sft", SFTParams(**sft_cfg))
+
+    current, current_name = sft.adapter_dir, "sft"
+    rounds, first_pairs = [], None
+    eval_eps: dict[str, list[dict]] = {}
+
+    def evaluate(name: str, adapter: Path | None, policy=None) -> list[dict]:
+        if policy is None:
+            m, tok = load_policy(base, adapter)
+            policy = LMPolicy(m, tok)
+        eps = _act(clock, f"eval:{name}", policy, tasks, list(plan.eval), 1, _sampling(eval_cfg, True), max_steps)
+        eval_eps[name] = eps
+        return eps
+
+    evaluate("sft", sft.adapter_dir)
+    for r in range(1, args.rounds + 1):
+        m, tok = load_policy(base, current)
+        episodes = _act(clock, f"rollouts_r{r}:{current_name}", LMPolicy(m, tok), tasks, list(plan.rollout),
+                        roll_cfg.get("samples_per_seed", 4), _sampling(roll_cfg, False), max_steps)
+        pairs = build_preference_pairs(episodes, pair_params, ScoreWeights())
+        stats = pair_yield(episodes, pairs)
+        if first_pairs is None:
+            first_pairs = pairs
+        if pairs.empty:
+            rounds.append({"round": r, **stats, "decision": "no pairs"})
+            break
+        with clock.stage(f"dpo_r{r}"):
+            dpo = train_dpo(base, current, to_dpo_records(pairs), work / f"dpo_r{r}", DPOParams(**dpo_cfg))
+        name = f"dpo_r{r}"
+        evaluate(name, dpo.adapter_dir)
+        prev = np.array([e["success"] for e in eval_eps[current_name]], float)
+        new = np.array([e["success"] for e in eval_eps[name]], float)
+        strata = [e["task"] for e in eval_eps[name]]
+        diff, lo, hi = paired_bootstrap_diff(prev, new, strata=strata, seed=args.seed)
+        verdict = decide(diff, lo, hi)
+        # A round is promoted unless it is shown worse than the policy it started from.
+        promoted = verdict != "keep previous"
+        rounds.append({"round": r, **stats, "dpo_metrics": {k: round(v, 4) for k, v in dpo.metrics.items()},
+                       "mean_success": round(float(new.mean()), 4), "vs_previous_points": round(100 * diff, 1),
+                       "ci_points": [round(100 * lo, 1), round(100 * hi, 1)], "decision": verdict, "promoted": promoted})
+        if promoted:
+            current, current_name = dpo.adapter_dir, name
+    if "rft" in args.arms and first_pairs is not None and not first_pairs.empty:
+        # Same data, steps, lr and batch as round-1 DPO; only the loss differs (SFT on chosen).
+        rft_params = SFTParams(learning_rate=dpo_cfg.get("learning_rate", 5e-5), num_train_epochs=dpo_cfg.get("num_train_epochs", 1.0),
+                               per_device_train_batch_size=dpo_cfg.get("per_device_train_batch_size", 4),
+                               max_length=dpo_cfg.get("max_length", 512), seed=args.seed)
+        with clock.stage("rft"):
+            rft = train_sft(base, rft_records(first_pairs), work / "rft", rft_params, init_adapter_dir=sft.adapter_dir)
+        evaluate("rft", rft.adapter_dir)
+    evaluate("random", None, policy=RandomPolicy())
+
+    final = current_name if current_name != "sft" else ("dpo_r1" if "dpo_r1" in eval_eps else "sft")
+    frame = pd.DataFrame([{**e, "policy": ("dpo" if p == final else p)} for p, eps in eval_eps.items()
+                          for e in eps if p in ("sft", "rft", "random", final)])
+    frame = frame[~frame["env_error"]]
+    report = build_report(frame[["policy", "task", "seed", "success"]], baseline="sft", candidate="dpo", seed=args.seed)
+    out = {"command": " ".join(shlex.quote(a) for a in sys.argv), "preset": args.preset, "seed": args.seed,
+           "model": model_name, "tasks": {}, "rounds": rounds, "final_policy": final, "wall_seconds": clock.wall,
+           "generation": clock.tokens, "packages": package_versions(), "python": platform.python_version(),
+           "seeds": {"demo": [plan.demo[0], plan.demo[-1]], "rollout": [plan.rollout[0], plan.rollout[-1]],
+                     "eval": [plan.eval[0], plan.eval[-1]]}}
+    for t in tasks:
+        row = {p: round(report.table.loc[t, f"{p}_rate"], 4) for p in ("sft", "dpo", "rft", "random") if f"{p}_rate" in report.table}
+        row["n"] = int(report.table.loc[t, "sft_n"])
+        row["dpo_minus_sft_points"] = round(report.table.loc[t, "diff_points"], 1)
+        out["tasks"][t] = row
+    for p in ("sft", "dpo", "rft", "random"):
+        if f"{p}_rate" in report.table:
+            out[f"mean_{p}"] = round(float(report.table.loc["mean", f"{p}_rate"]), 4)
+    out["dpo_minus_sft_points"] = round(report.summary["dpo_minus_sft_points"], 1)
+    out["diff_ci_low_points"] = round(report.summary["diff_ci_low_points"], 1)
+    out["diff_ci_high_points"] = round(report.summary["diff_ci_high_points"], 1)
+    out["decision"] = report.decision
+    if "rft" in eval_eps:
+        piv = frame.pivot_table(index=["task", "seed"], columns="policy", values="success").dropna()
+        d, lo, hi = paired_bootstrap_diff(piv["rft"].to_numpy(float), piv["dpo"].to_numpy(float),
+                                          strata=list(piv.index.get_level_values(0)), seed=args.seed)
+        out.update(dpo_minus_rft_points=round(100 * d, 1), dpo_minus_rft_ci_low_points=round(100 * lo, 1),
+                   dpo_minus_rft_ci_high_points=round(100 * hi, 1), dpo_beats_rft=decide(d, lo, hi))
+    if first_pairs is not None:
+        out["pairs"] = int(len(first_pairs))
+        out["pair_yield"] = rounds[0].get("pair_yield") if rounds else None
+        out["pairs_sha256"] = hashlib.sha256(first_pairs.to_json(orient="records").encode()).hexdigest()
+    out["wall_seconds"]["total"] = round(sum(v for k, v in clock.wall.items()), 1)
+    out["report_markdown"] = report.markdown
+    return out
+
+
+def print_table(res: dict) -> None:
+    pols = [p for p in ("sft", "dpo", "rft", "random") if f"mean_{p}" in res]
+    print(f"\n{'task':<14}" + "".join(f"{p:>9}" for p in pols) + f"{'DPO-SFT':>9}{'n':>5}")
+    for t, row in res["tasks"].items():
+        print(f"{t:<14}" + "".join(f"{row[p]:>9.0%}" for p in pols) + f"{row['dpo_minus_sft_points']:>+9.1f}{row['n']:>5}")
+    print(f"{'mean':<14}" + "".join(f"{res['mean_' + p]:>9.0%}" for p in pols) + f"{res['dpo_minus_sft_points']:>+9.1f}")
+    print(f"\nDPO - SFT: {res['dpo_minus_sft_points']:+.1f} points, 95% CI [{res['diff_ci_low_points']:+.1f}, "
+          f"{res['diff_ci_high_points']:+.1f}] -> {res['decision']}")
+    if "dpo_minus_rft_points" in res:
+        print(f"DPO - RFT: {res['dpo_minus_rft_points']:+.1f} points, 95% CI [{res['dpo_minus_rft_ci_low_points']:+.1f}, "
+              f"{res['dpo_minus_rft_ci_high_points']:+.1f}] -> {res['dpo_beats_rft']}")
+    print(f"pairs: {res.get('pairs')}  pair yield: {res.get('pair_yield')}  rounds: "
+          + "; ".join(f"r{r['round']} {r.get('mean_success', '-')} ({r['decision']})" for r in res["rounds"]))
+    print("wall seconds: " + ", ".join(f"{k} {v}" for k, v in res["wall_seconds"].items()))
+    print("generation: " + ", ".join(f"{k} {v['tokens_per_second']} tok/s" for k, v in res["generation"].items()))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="default", help="dpo_assets.presets name (tiny, default)")
+    ap.add_argument("--model", default="", help="override the preset's base model (preset name, path or HF id)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=1, help="on-policy rounds of rollouts -> pairs -> DPO")
+    ap.add_argument("--arms", default="rft", help="extra arms on the same rollouts: rft or none")
+    ap.add_argument("--eval-seeds", type=int, default=0, help="override held-out seeds per task")
+    ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
+    ap.add_argument("--json", default="", help="write the results here")
+    args = ap.parse_args(argv)
+    res = run(args)
+    print_table(res)
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(res, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

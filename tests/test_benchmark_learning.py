@@ -1,0 +1,26 @@
+"""The learning benchmark runs end to end on the tiny preset and writes the documented JSON keys."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_learning_benchmark_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_DRIVER_CACHE", str(tmp_path / "models"))
+    from benchmarks.learning import main
+
+    out = tmp_path / "learning.json"
+    res = main(["--preset", "tiny", "--eval-seeds", "2", "--json", str(out), "--workdir", str(tmp_path / "work")])
+    saved = json.loads(out.read_text())
+    assert saved["tasks"].keys() == {"click-tab", "enter-text"}
+    for row in saved["tasks"].values():
+        assert {"sft", "dpo", "rft", "random", "n"} <= row.keys() and row["n"] == 2
+    for key in ("mean_sft", "mean_dpo", "mean_rft", "mean_random", "dpo_minus_sft_points", "diff_ci_low_points",
+                "diff_ci_high_points", "dpo_minus_rft_points", "dpo_minus_rft_ci_low_points", "pairs", "pairs_sha256"):
+        assert key in saved, key
+    assert saved["diff_ci_low_points"] <= saved["dpo_minus_sft_points"] <= saved["diff_ci_high_points"]
+    assert {"demos", "sft", "dpo_r1", "rft", "eval:sft", "total"} <= saved["wall_seconds"].keys()
+    assert saved["seeds"]["eval"][0] >= 2_000_000  # evaluation band
+    assert res["pairs"] == saved["pairs"] > 0
