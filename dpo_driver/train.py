@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         log.exception(f"{args.kind} training failed: {type(e).__name__}: {e}")
         if pipes is not None:
             pipes.__exit__(type(e), e, e.__traceback__)  # the run log gets the structured exception too
+        if isinstance(e, Exception):
+            return 1  # the traceback is logged once above; exit status 1 tells the launcher
         raise
     if pipes is not None:
         pipes.report_custom_message(result)

@@ -35,7 +35,7 @@ class TrainingLauncher(dg.ConfigurableResource):
     """Launches LoRA SFT / DPO jobs via Dagster Pipes, as a local subprocess or in a (GPU) container."""
 
     mode: Literal["subprocess", "docker"] = "subprocess"
-    image: str = "dpo-driver-train:latest"  # docker: the training image (docker/build_train_image.sh)
+    image: str = "dpo-driver-train:latest"  # docker: the training image (docker/build_image.sh train)
     gpus: str = ""  # docker: "" = none (CPU), "all", or device ids "0,1"; needs the NVIDIA container toolkit
     volumes: list[str] = []  # docker: extra "host:container[:ro]" mounts; the job's own folders are automatic
     env: dict[str, str] = {}  # extra environment for the training process (HF_HOME, NCCL_*, ...)
@@ -116,7 +116,7 @@ class TrainingLauncher(dg.ConfigurableResource):
                 docker.from_env(timeout=1800).images.pull(self.image)
             except docker.errors.APIError as e:
                 raise dg.Failure(f"training image {self.image} is not on the Docker engine at {where} and "
-                                 f"could not be pulled ({e}); build it: bash docker/build_train_image.sh") from e
+                                 f"could not be pulled ({e}); build it: bash docker/build_image.sh train") from e
 
 
 def same_path_mounts(spec: JobSpec, spec_path: Path) -> dict[str, dict]:
