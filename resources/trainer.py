@@ -71,7 +71,8 @@ class TrainingLauncher(dg.ConfigurableResource):
         try:
             return client.run(context=context, command=command)
         except DagsterPipesExecutionError as e:
-            raise _failure(f"training process failed ({e}): {' '.join(command)}", _tail(log_file, self.log_tail_lines)) from e
+            tail = _tail(log_file, self.log_tail_lines)
+            raise _failure(f"training process failed ({e}): {' '.join(command)}", tail) from e
 
     def _run_container(self, context, command: list[str], spec: JobSpec, spec_path: Path):
         self._check_engine_and_image(context)
@@ -127,7 +128,8 @@ def same_path_mounts(spec: JobSpec, spec_path: Path) -> dict[str, dict]:
     A folder already visible through a mount above it is not mounted again.
     """
     wanted = {Path(spec_path).parent: "rw", Path(spec.output_dir).parent: "rw"}
-    readonly = [Path(spec.records).parent] + [Path(p) for p in (spec.sft_adapter_dir, spec.init_adapter_dir, spec.base_model) if p]
+    inputs = (spec.sft_adapter_dir, spec.init_adapter_dir, spec.base_model)
+    readonly = [Path(spec.records).parent] + [Path(p) for p in inputs if p]
     for p in readonly:
         if p.is_absolute() and p.exists():
             wanted.setdefault(p, "ro")
