@@ -64,7 +64,10 @@ class LMPolicy:
             torch.manual_seed(seed + i)
             t0 = time.perf_counter()
             with torch.no_grad():
-                gen = self.model.generate(**enc, **kwargs)
+                if greedy or num_samples == 1:
+                    gen = self.model.generate(**enc, **kwargs)
+                else:
+                    gen = self._sample_shared_prefill(enc, num_samples, kwargs)
             self.stats.seconds += time.perf_counter() - t0
             self.stats.calls += 1
             new = gen[:, enc["input_ids"].shape[1] :]
@@ -76,6 +79,21 @@ class LMPolicy:
                 answers = decoded[j * per : (j + 1) * per]
                 outs.append(answers * num_samples if greedy else answers)
         return outs
+
+    def _sample_shared_prefill(self, enc, k: int, kwargs: dict):
+        """K samples per prompt from one prefill: the prompt's KV cache is computed once and
+        repeated K times, so only the decode steps are paid per sample (prefill is most of the
+        cost for ~80-token prompts and ~10-token answers)."""
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        # Left padding: positions must count real tokens only, exactly as generate() does.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(k)
+        kwargs = {**kwargs, "num_return_sequences": 1}
+        # generate() sees the cached prefix and feeds only the last prompt token.
+        return self.model.generate(input_ids=ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
+                                   past_key_values=cache, **kwargs)
 
 
 def first_line(text: str) -> str:

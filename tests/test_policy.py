@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from dpo_driver.observation import Element, Observation, render_prompt
+from dpo_driver.policy import LMPolicy, RandomPolicy, Sampling
+from dpo_driver.training import load_policy
+
+OBS = [Observation(f'Click on the "{n}" button.', (Element(1, "button", n), Element(2, "button", "Cancel"))) for n in ("ok", "yes", "Submit")]
+PROMPTS = [render_prompt(o) for o in OBS]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_DRIVER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        model, tok = load_policy("tiny-random")
+        yield LMPolicy(model, tok)
+
+
+def test_shared_prefill_decodes_exactly_like_plain_generate(policy):
+    """The cached-prefix path must be the same computation: greedy outputs agree token for token."""
+    tok = policy.tokenizer
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in PROMPTS]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (enc["attention_mask"] == 0).any(), "prompts of different lengths exercise left padding"
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        plain = policy.model.generate(**enc, **kw)
+        shared = policy._sample_shared_prefill(enc, 2, kw)
+    assert torch.equal(shared[::2], plain) and torch.equal(shared[1::2], plain)
+
+
+def test_sampling_gives_k_answers_per_prompt_and_is_seeded(policy):
+    s = Sampling(temperature=1.0, top_k=50, max_new_tokens=6, batch_size=2)
+    a = policy.propose(PROMPTS, OBS, 4, s, seed=3)
+    b = policy.propose(PROMPTS, OBS, 4, s, seed=3)
+    assert [len(x) for x in a] == [4, 4, 4] and a == b
+    assert policy.stats.calls == 4 and policy.stats.new_tokens > 0
+
+
+def test_random_policy_proposes_valid_actions():
+    from dpo_driver.actions import parse_action
+
+    outs = RandomPolicy().propose(PROMPTS, OBS, 5, Sampling(), seed=0)
+    assert all(parse_action(a) for answers in outs for a in answers)
