@@ -111,3 +111,8 @@ def test_mlflow_has_a_run_per_stage(run):
     for r in runs:
         assert r.info.status == "FINISHED"
         assert "git_commit" in r.data.tags and "dagster_run_id" in r.data.tags
+    # Every evaluated DPO adapter is registered; `champion` moves only on a "promote" decision.
+    [version] = client.search_model_versions("name='dpo-driver-policy'")
+    decision = next(r for r in runs if r.data.tags["stage"] == "evaluation").data.tags["decision"]
+    champion = client.get_registered_model("dpo-driver-policy").aliases.get("champion")
+    assert (str(champion) == str(version.version)) == (decision == "promote")
