@@ -31,6 +31,7 @@ def instance_config(monkeypatch):
 def test_production_instance_config_is_valid(instance_config):
     pg = instance_config["storage"]["postgres"]["postgres_db"]
     assert {pg[k]["env"] for k in ("hostname", "username", "password", "db_name")} == set(ENV)
+    assert pg["scheme"] == "postgresql+psycopg2"  # the driver dagster-postgres installs (SQLAlchemy 2.1 defaults to psycopg 3)
     assert instance_config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert instance_config["run_monitoring"]["enabled"] is True
     assert instance_config["run_retries"]["enabled"] is True and instance_config["run_retries"]["max_retries"] >= 1
