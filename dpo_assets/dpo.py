@@ -22,31 +22,35 @@ def dpo_adapter(
     tracker: MLflowTracker,
     trainer: TrainingLauncher,
 ) -> dg.MaterializeResult:
-    """TRL DPO continuing the SFT adapter; the frozen SFT policy is the reference."""
+    """TRL DPO continuing the policy that acted in the rollouts (the SFT adapter in the first round,
+    the champion after that); that policy, frozen, is the reference."""
     if preference_pairs.empty:
         raise ValueError("preference_pairs is empty: no prompt had both a success and a failure; "
                          "raise rollout samples_per_seed or temperature, or add rollout seeds")
     records = to_dpo_records(preference_pairs)
     params = DPOParams(**config.model_dump(), load_in_4bit=policy_model.load_in_4bit)
     out = artifact_store.path_for("dpo_adapter", context.run_id)
-    context.log.info(f"DPO on {len(records)} pairs from SFT adapter {sft_adapter['adapter_dir']}")
-    with tracker.tracker().stage_run("dpo", {**config.model_dump(), "pairs": len(records),
+    acted = preference_pairs.get("policy_adapter", pd.Series(dtype=object)).dropna().unique()
+    start = str(acted[0]) if len(acted) else sft_adapter["adapter_dir"]
+    context.log.info(f"DPO on {len(records)} pairs, starting from and referring to {start}")
+    with tracker.tracker().stage_run("dpo", {**config.model_dump(), "pairs": len(records), "start_adapter": start,
                                              "sft_run_id": sft_adapter["mlflow_run_id"]},
                                      tags={"dagster_run_id": context.run_id}) as run:
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "pairs.jsonl", records)
             spec = JobSpec("dpo", sft_adapter["base_model"], "pairs.jsonl", "adapter", params=asdict(params),
-                           sft_adapter_dir=sft_adapter["adapter_dir"])
+                           sft_adapter_dir=start)
             result = trainer.train(context, spec.write(tmp / "dpo_job.json"))
         run.log_metrics(result["metrics"])
         run.log_artifacts(out / "adapter", "adapter")
     value = {**sft_adapter, "adapter_dir": str(out / "adapter"), "sft_adapter_dir": sft_adapter["adapter_dir"],
+             "start_adapter_dir": start,
              "num_examples": result["num_examples"], "mlflow_run_id": run.run_id}
     return dg.MaterializeResult(
         value=value,
         metadata={
             "adapter_dir": dg.MetadataValue.path(value["adapter_dir"]),
-            "reference_policy": f"SFT adapter {sft_adapter['adapter_dir']}",
+            "reference_policy": f"frozen copy of {start}",
             "pairs": len(records),
             **{k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))},
             "mlflow_run_id": run.run_id,

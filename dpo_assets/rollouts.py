@@ -44,13 +44,13 @@ def rollout_trajectories(
                                                   "sft_run_id": sft_adapter["mlflow_run_id"], "acting_policy": acting_label},
                                      tags={"dagster_run_id": context.run_id}) as run:
         episodes = run_episodes(policy, tasks, seeds, config.samples_per_seed, sampling, config.max_steps,
-                                policy_name="sft", chrome_binary=chrome, chromedriver=driver,
+                                policy_name=acting_label.split()[0], chrome_binary=chrome, chromedriver=driver,
                                 on_progress=episode_logger(context, "rollouts"))
+        for ep in episodes:
+            ep["adapter_dir"] = str(acting)  # provenance: DPO continues from (and refers to) the policy that acted
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "episodes.jsonl", episodes)
         frame = pd.DataFrame(episodes)
-        for ep in episodes:
-            ep["adapter_dir"] = str(acting)  # provenance: DPO continues from (and refers to) the policy that acted
         summary = episode_summary(frame)
         gen = policy.stats
         metrics = {

@@ -1,6 +1,7 @@
 """The whole DAG, for real: tiny-random model, real MiniWoB++ in headless Chromium, real TRL, MLflow, Dagster."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -13,8 +14,10 @@ from transformers import AutoModelForCausalLM
 from dpo_assets.checks import CHECKS
 from dpo_assets.definitions import ASSETS
 from dpo_assets.presets import preset
+from dpo_assets.schedules import improvement_run_config
 from dpo_driver.actions import parse_action
 from dpo_driver.tasks import split_of
+from dpo_driver.registry import MODEL_NAME, promote
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
 
 pytestmark = pytest.mark.slow
@@ -36,19 +39,24 @@ def run(tmp_path_factory):
     (home / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(home / "dagster")) as instance:
         result = dg.materialize(ASSETS + CHECKS, resources=resources, run_config=preset("tiny"), instance=instance)
-        yield result, home
+        # Round 2: promote round 1's adapter by hand, then refresh everything after SFT.
+        tracker = MLflowTracker().tracker()
+        promote(tracker, MODEL_NAME, 1, reason="e2e test: force a champion")
+        round2 = dg.materialize(ASSETS + CHECKS, resources=resources, run_config=improvement_run_config(preset("tiny")), instance=instance,
+                                selection=dg.AssetSelection.assets(*ASSETS[1:]))
+        yield result, home, round2
     mp.undo()
 
 
 def test_whole_dag_materializes(run):
-    result, _ = run
+    result, *_ = run
     assert result.success
     mats = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert mats == {"sft_adapter", "rollout_trajectories", "preference_pairs", "dpo_adapter", "evaluation_report"}
 
 
 def test_trajectories_record_every_step(run):
-    result, _ = run
+    result, *_ = run
     eps = result.output_for_node("rollout_trajectories")
     cfg = preset("tiny")
     suite = cfg["resources"]["task_suite"]["config"]
@@ -65,44 +73,45 @@ def test_trajectories_record_every_step(run):
 
 
 def test_pairs_are_well_formed_and_load_with_datasets(run):
-    result, home = run
+    result, home, _ = run
     pairs = result.output_for_node("preference_pairs")
     assert len(pairs) > 0
     assert (pairs["chosen"] != pairs["rejected"]).all()
     assert (pairs["margin"] >= preset("tiny")["ops"]["preference_pairs"]["config"]["min_margin"]).all()
     assert all(parse_action(c) for c in pairs["chosen"])
     assert not pairs.duplicated(["prompt", "chosen", "rejected"]).any()
-    [path] = list((home / "artifacts" / "preference_pairs").glob("*/pairs.jsonl"))
+    path = home / "artifacts" / "preference_pairs" / result.run_id / "pairs.jsonl"
     ds = load_dataset("json", data_files=str(path), split="train")
     assert len(ds) == len(pairs) and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
 
 
 def test_adapters_load_with_peft(run):
-    result, _ = run
+    result, *_ = run
     sft, dpo = result.output_for_node("sft_adapter"), result.output_for_node("dpo_adapter")
     assert dpo["sft_adapter_dir"] == sft["adapter_dir"] != dpo["adapter_dir"]
+    assert dpo["start_adapter_dir"] == sft["adapter_dir"]  # round 1: no champion yet, DPO continues SFT
     for a in (sft, dpo):
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(a["base_model"]), a["adapter_dir"])
         assert any("lora_" in n for n, _ in model.named_parameters())
 
 
 def test_report_has_a_row_per_task_and_a_decision(run):
-    result, home = run
+    result, home, _ = run
     value = result.output_for_node("evaluation_report")
     assert value["decision"] in {"promote", "keep previous", "needs review"}
     tasks = preset("tiny")["resources"]["task_suite"]["config"]["tasks"]
     assert set(tasks) <= set(value["summary"]["per_task"])
-    md = (home / "artifacts" / "evaluation_report").glob("*/report.md")
-    text = next(md).read_text()
+    report_dir = home / "artifacts" / "evaluation_report" / result.run_id
+    text = (report_dir / "report.md").read_text()
     for t in tasks:
         assert t in text
-    episodes = pd.read_json(next((home / "artifacts" / "evaluation_report").glob("*/episodes.jsonl")), lines=True)
+    episodes = pd.read_json(report_dir / "episodes.jsonl", lines=True)
     assert {split_of(s) for s in episodes["seed"]} == {"eval"}
     assert set(episodes["policy"]) == {"sft", "dpo"}
 
 
 def test_mlflow_has_a_run_per_stage(run):
-    _, home = run
+    _, home, _ = run
     client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
     exp = client.get_experiment_by_name("dpo-driver")
     runs = client.search_runs([exp.experiment_id])
@@ -112,7 +121,28 @@ def test_mlflow_has_a_run_per_stage(run):
         assert r.info.status == "FINISHED"
         assert "git_commit" in r.data.tags and "dagster_run_id" in r.data.tags
     # Every evaluated DPO adapter is registered; `champion` moves only on a "promote" decision.
-    [version] = client.search_model_versions("name='dpo-driver-policy'")
-    decision = next(r for r in runs if r.data.tags["stage"] == "evaluation").data.tags["decision"]
-    champion = client.get_registered_model("dpo-driver-policy").aliases.get("champion")
-    assert (str(champion) == str(version.version)) == (decision == "promote")
+    round1 = min(client.search_model_versions("name='dpo-driver-policy'"), key=lambda v: int(v.version))
+    decision = min((r for r in runs if r.data.tags["stage"] == "evaluation"), key=lambda r: r.info.start_time).data.tags["decision"]
+    assert round1.tags["decision"] == decision
+
+
+def test_second_round_acts_with_the_champion(run):
+    """After a promotion, rollouts act with the champion, DPO continues it, evaluation compares against it."""
+    result, home, round2 = run
+    assert round2.success
+    round1_dpo = result.output_for_node("dpo_adapter")
+    eps = round2.output_for_node("rollout_trajectories")
+    [acted] = set(eps["adapter_dir"])  # the champion as registered in MLflow: round 1's DPO adapter
+    weights = "adapter_model.safetensors"
+    assert (Path(acted) / weights).read_bytes() == (Path(round1_dpo["adapter_dir"]) / weights).read_bytes()
+    assert set(eps["policy"]) == {"champion"}
+    dpo2 = round2.output_for_node("dpo_adapter")
+    assert dpo2["start_adapter_dir"] == acted and dpo2["sft_adapter_dir"] == round1_dpo["sft_adapter_dir"]
+    report = round2.output_for_node("evaluation_report")
+    assert set(report["summary"]["mean"]) == {"sft", "champion", "dpo"}
+    assert "dpo_minus_champion_points" in report["summary"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    versions = client.search_model_versions("name='dpo-driver-policy'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    champion = client.get_registered_model("dpo-driver-policy").aliases["champion"]
+    assert str(champion) == ("2" if report["decision"] == "promote" else "1")
