@@ -15,25 +15,9 @@ from dpo_driver import tracking
 from dpo_driver.tracking import KEY_PACKAGES, MAX_PARAM_VALUE, Tracker, git_state, package_versions, system_fingerprint
 
 
-@pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory) -> Path:
-    """A fresh store made once by Tracker.local; MLflow's Alembic migrations take seconds per new database."""
-    home = tmp_path_factory.mktemp("template")
-    tracker = Tracker.local(home)
-    tracker.client.search_experiments()  # creates and migrates the database
-    assert tracker.tracking_uri == f"sqlite:///{home.resolve() / 'mlflow.db'}"
-    return home / "mlflow.db"
-
-
-@pytest.fixture
-def make_tracker(migrated_db, tmp_path):
-    def make(name: str = "home") -> Tracker:
-        home = tmp_path / name
-        home.mkdir()
-        shutil.copy(migrated_db, home / "mlflow.db")
-        return Tracker.local(home, experiment="test")
-
-    return make
+def test_local_store_is_a_sqlite_database_under_home(tmp_path):
+    tracker = Tracker.local(tmp_path)
+    assert tracker.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
 
 
 def run_by_id(tracker: Tracker, run_id: str):
