@@ -27,8 +27,10 @@ class EpisodeSpec:
     sample: int
 
 
-def _episode_id(policy_name: str, task: str, seed: int, sample: int) -> str:
-    return f"{policy_name}:{task}:{seed}:{sample}"
+def _record(policy_name: str, spec: EpisodeSpec, **fields) -> dict:
+    """One episode row: identity first, then what happened."""
+    return {"episode_id": f"{policy_name}:{spec.task}:{spec.seed}:{spec.sample}", "policy": policy_name,
+            "task": spec.task, "seed": spec.seed, "sample": spec.sample, **fields}
 
 
 def _play(env: WebEnv, policy, spec: EpisodeSpec, first_output: str, sampling: Sampling, max_steps: int, policy_name: str) -> dict:
@@ -62,43 +64,25 @@ def _play(env: WebEnv, policy, spec: EpisodeSpec, first_output: str, sampling: S
         history.append(action.render())
         obs = result.observation
     done = bool(result and result.done)
-    return {
-        "episode_id": _episode_id(policy_name, spec.task, spec.seed, spec.sample),
-        "policy": policy_name,
-        "task": spec.task,
-        "seed": spec.seed,
-        "sample": spec.sample,
-        "success": bool(done and result.raw_reward >= 1.0),
-        "reward": float(result.reward) if done else 0.0,
-        "raw_reward": float(result.raw_reward) if done else 0.0,
-        "truncated": not done,
-        "invalid": any(not s["valid"] for s in steps),
-        "env_error": False,
-        "error": None,
-        "num_steps": len(steps),
-        "steps": steps,
-        "wall_seconds": round(time.perf_counter() - t0, 4),
-    }
+    return _record(
+        policy_name, spec,
+        success=bool(done and result.raw_reward >= 1.0),
+        reward=float(result.reward) if done else 0.0,
+        raw_reward=float(result.raw_reward) if done else 0.0,
+        truncated=not done,
+        invalid=any(not s["valid"] for s in steps),
+        env_error=False,
+        error=None,
+        num_steps=len(steps),
+        steps=steps,
+        wall_seconds=round(time.perf_counter() - t0, 4),
+    )
 
 
 def _crashed(policy_name: str, spec: EpisodeSpec, err: Exception) -> dict:
-    return {
-        "episode_id": _episode_id(policy_name, spec.task, spec.seed, spec.sample),
-        "policy": policy_name,
-        "task": spec.task,
-        "seed": spec.seed,
-        "sample": spec.sample,
-        "success": False,
-        "reward": None,
-        "raw_reward": None,
-        "truncated": False,
-        "invalid": False,
-        "env_error": True,  # a browser fault, not a policy failure: never used as a rejected sample
-        "error": str(err)[:500],
-        "num_steps": 0,
-        "steps": [],
-        "wall_seconds": 0.0,
-    }
+    # A browser fault, not a policy failure: never used as a rejected sample.
+    return _record(policy_name, spec, success=False, reward=None, raw_reward=None, truncated=False, invalid=False,
+                   env_error=True, error=str(err)[:500], num_steps=0, steps=[], wall_seconds=0.0)
 
 
 def run_episodes(
