@@ -1,23 +1,11 @@
-"""Small helpers shared by the asset bodies: progress lines and rates for the run log."""
+"""Small helpers shared by the asset bodies: progress lines and rates for the run log.
+
+(Training progress arrives through Dagster Pipes from `python -m dpo_driver.train`.)"""
 
 from __future__ import annotations
 
-import time
 
 import dagster as dg
-
-
-def train_logger(context: dg.AssetExecutionContext, stage: str):
-    """TRL on_log callback writing `stage step n/N loss ... (x steps/s)` into the run log."""
-    t0 = time.perf_counter()
-
-    def on_log(logs: dict):
-        step, total = logs.get("step"), logs.get("max_steps")
-        rate = f", {step / (time.perf_counter() - t0):.2f} steps/s" if step else ""
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in logs.items() if k not in ("step", "max_steps")}
-        context.log.info(f"{stage} step {step}/{total}{rate}: {shown}")
-
-    return on_log
 
 
 def episode_logger(context: dg.AssetExecutionContext, stage: str, every: int = 10):
