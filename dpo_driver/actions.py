@@ -15,6 +15,7 @@ from dpo_driver.observation import Element
 
 VERBS = ("click", "type")
 KINDS = ("button", "link", "tab", "textbox", "textarea", "checkbox", "radio")
+TEXT_KINDS = ("textbox", "textarea")  # the only kinds `type` can target
 # The whole grammar as one regex, shared with the data-quality gates.
 ACTION_REGEX = r'^(click|type) (button|link|tab|textbox|textarea|checkbox|radio) "([^"\n]*)"$'
 _ACTION_RE = re.compile(ACTION_REGEX)
@@ -44,11 +45,13 @@ def resolve_target(action: Action, elements: list[Element]) -> Element | None:
 
     `click` matches kind and text exactly, falling back to a case-insensitive match (pages
     such as click-link hold both "eget" and "Eget", and only one is right); `type` targets the
-    first element of that kind, since its text is what gets typed.
+    first text field of that kind, since its text is what gets typed. `type button "Submit"`
+    names no target: MiniWoB would focus (click) the button and so submit the form, and a policy
+    must not be rewarded for an action that only works through that side effect.
     """
     candidates = [e for e in elements if e.kind == action.kind]
     if action.verb == "type":
-        return candidates[0] if candidates else None
+        return candidates[0] if candidates and action.kind in TEXT_KINDS else None
     for norm in (_fold, lambda s: _fold(s).casefold()):
         want = norm(action.text)
         match = next((e for e in candidates if norm(e.text) == want), None)

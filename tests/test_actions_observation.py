@@ -48,6 +48,7 @@ ELEMENTS = [Element(5, "link", "eget"), Element(6, "link", "Eget"), Element(7, "
         (Action("click", "button", "Cancel"), None),
         (Action("click", "tab", "Submit"), None),  # right text, wrong kind
         (Action("type", "textarea", "x"), None),
+        (Action("type", "button", "Submit"), None),  # typing needs a text field, not a click side effect
     ],
 )
 def test_resolve_target(action, ref):
