@@ -100,7 +100,11 @@ def run(args) -> dict:
         sft = train_sft(base, demos, work / "sft", SFTParams(**sft_cfg))
 
     current, current_name = sft.adapter_dir, "sft"
+    rft_params = SFTParams(learning_rate=dpo_cfg.get("learning_rate", 5e-5), num_train_epochs=dpo_cfg.get("num_train_epochs", 1.0),
+                           per_device_train_batch_size=dpo_cfg.get("per_device_train_batch_size", 4),
+                           max_length=dpo_cfg.get("max_length", 512), seed=args.seed)
     rounds, first_pairs = [], None
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     eval_eps: dict[str, list[dict]] = {}
 
     def evaluate(name: str, adapter: Path | None, policy=None) -> list[dict]:
@@ -112,6 +116,7 @@ def run(args) -> dict:
         return eps
 
     evaluate("sft", sft.adapter_dir)
+    rft_current = sft.adapter_dir
     for r in range(1, args.rounds + 1):
         m, tok = load_policy(base, current)
         episodes = _act(clock, f"rollouts_r{r}:{current_name}", LMPolicy(m, tok), tasks, list(plan.rollout),
@@ -125,6 +130,11 @@ def run(args) -> dict:
             break
         with clock.stage(f"dpo_r{r}"):
             dpo = train_dpo(base, current, to_dpo_records(pairs), work / f"dpo_r{r}", DPOParams(**dpo_cfg))
+        if "rft" in arms:
+            # The control sees the same rollouts round by round: it continues its own previous round
+            # on this round's chosen actions with DPO's data, steps, lr and batch; only the loss differs.
+            with clock.stage(f"rft_r{r}"):
+                rft_current = train_sft(base, rft_records(pairs), work / f"rft_r{r}", rft_params, init_adapter_dir=rft_current).adapter_dir
         name = f"dpo_r{r}"
         evaluate(name, dpo.adapter_dir)
         prev = np.array([e["success"] for e in eval_eps[current_name]], float)
@@ -139,14 +149,16 @@ def run(args) -> dict:
                        "ci_points": [round(100 * lo, 1), round(100 * hi, 1)], "decision": verdict, "promoted": promoted})
         if promoted:
             current, current_name = dpo.adapter_dir, name
-    if "rft" in args.arms and first_pairs is not None and not first_pairs.empty:
-        # Same data, steps, lr and batch as round-1 DPO; only the loss differs (SFT on chosen).
-        rft_params = SFTParams(learning_rate=dpo_cfg.get("learning_rate", 5e-5), num_train_epochs=dpo_cfg.get("num_train_epochs", 1.0),
-                               per_device_train_batch_size=dpo_cfg.get("per_device_train_batch_size", 4),
-                               max_length=dpo_cfg.get("max_length", 512), seed=args.seed)
-        with clock.stage("rft"):
-            rft = train_sft(base, rft_records(first_pairs), work / "rft", rft_params, init_adapter_dir=sft.adapter_dir)
-        evaluate("rft", rft.adapter_dir)
+    if rft_current != sft.adapter_dir:
+        evaluate("rft", rft_current)
+    objective_arms = [a for a in arms if a not in ("rft", "none")]
+    if objective_arms and first_pairs is not None and not first_pairs.empty:
+        # Other preference objectives on round 1's pairs, from the same SFT adapter, same budget.
+        for arm in objective_arms:
+            with clock.stage(f"arm:{arm}"):
+                res = train_dpo(base, sft.adapter_dir, to_dpo_records(first_pairs), work / f"arm_{arm.replace('+', '_')}",
+                                DPOParams(**{**dpo_cfg, "loss_type": arm.split("+")}))
+            evaluate(f"arm:{arm}", res.adapter_dir)
     evaluate("random", None, policy=RandomPolicy())
 
     final = current_name if current_name != "sft" else ("dpo_r1" if "dpo_r1" in eval_eps else "sft")
@@ -177,6 +189,18 @@ def run(args) -> dict:
                                           strata=list(piv.index.get_level_values(0)), seed=args.seed)
         out.update(dpo_minus_rft_points=round(100 * d, 1), dpo_minus_rft_ci_low_points=round(100 * lo, 1),
                    dpo_minus_rft_ci_high_points=round(100 * hi, 1), dpo_beats_rft=decide(d, lo, hi))
+    base_success = {(e["task"], e["seed"]): float(e["success"]) for e in eval_eps["sft"] if not e["env_error"]}
+    for arm in objective_arms:
+        eps = [e for e in eval_eps.get(f"arm:{arm}", []) if not e["env_error"] and (e["task"], e["seed"]) in base_success]
+        if not eps:
+            continue
+        keys = [(e["task"], e["seed"]) for e in eps]
+        d, lo, hi = paired_bootstrap_diff(np.array([base_success[k] for k in keys]), np.array([float(e["success"]) for e in eps]),
+                                          strata=[k[0] for k in keys], seed=args.seed)
+        out.setdefault("arms", {})[arm] = {
+            "tasks": {t: round(float(np.mean([e["success"] for e in eps if e["task"] == t])), 4) for t in tasks},
+            "mean": round(float(np.mean([e["success"] for e in eps])), 4),
+            "minus_sft_points": round(100 * d, 1), "ci_points": [round(100 * lo, 1), round(100 * hi, 1)]}
     if first_pairs is not None:
         out["pairs"] = int(len(first_pairs))
         out["pair_yield"] = rounds[0].get("pair_yield") if rounds else None
@@ -199,6 +223,9 @@ def print_table(res: dict) -> None:
               f"{res['dpo_minus_rft_ci_high_points']:+.1f}] -> {res['dpo_beats_rft']}")
     print(f"pairs: {res.get('pairs')}  pair yield: {res.get('pair_yield')}  rounds: "
           + "; ".join(f"r{r['round']} {r.get('mean_success', '-')} ({r['decision']})" for r in res["rounds"]))
+    for arm, row in res.get("arms", {}).items():
+        print(f"arm {arm}: mean {row['mean']:.0%}, minus SFT {row['minus_sft_points']:+.1f} points, "
+              f"95% CI [{row['ci_points'][0]:+.1f}, {row['ci_points'][1]:+.1f}]")
     print("wall seconds: " + ", ".join(f"{k} {v}" for k, v in res["wall_seconds"].items()))
     print("generation: " + ", ".join(f"{k} {v['tokens_per_second']} tok/s" for k, v in res["generation"].items()))
 
@@ -209,7 +236,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="", help="override the preset's base model (preset name, path or HF id)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=1, help="on-policy rounds of rollouts -> pairs -> DPO")
-    ap.add_argument("--arms", default="rft", help="extra arms on the same rollouts: rft or none")
+    ap.add_argument("--arms", default="rft", help="comma-separated arms on the same rollouts: rft (SFT on chosen), none, or a "
+                    "TRL DPO loss_type list joined by + (e.g. ipo, sigmoid, sigmoid+sft) trained on round 1's pairs")
     ap.add_argument("--eval-seeds", type=int, default=0, help="override held-out seeds per task")
     ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
     ap.add_argument("--json", default="", help="write the results here")

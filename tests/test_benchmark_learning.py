@@ -12,7 +12,7 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     from benchmarks.learning import main
 
     out = tmp_path / "learning.json"
-    res = main(["--preset", "tiny", "--eval-seeds", "2", "--json", str(out), "--workdir", str(tmp_path / "work")])
+    res = main(["--preset", "tiny", "--eval-seeds", "2", "--arms", "rft,ipo", "--json", str(out), "--workdir", str(tmp_path / "work")])
     saved = json.loads(out.read_text())
     assert saved["tasks"].keys() == {"click-tab", "enter-text"}
     for row in saved["tasks"].values():
@@ -21,6 +21,10 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
                 "diff_ci_high_points", "dpo_minus_rft_points", "dpo_minus_rft_ci_low_points", "pairs", "pairs_sha256"):
         assert key in saved, key
     assert saved["diff_ci_low_points"] <= saved["dpo_minus_sft_points"] <= saved["diff_ci_high_points"]
-    assert {"demos", "sft", "dpo_r1", "rft", "eval:sft", "total"} <= saved["wall_seconds"].keys()
+    assert {"demos", "sft", "dpo_r1", "rft_r1", "eval:sft", "eval:rft", "total"} <= saved["wall_seconds"].keys()
     assert saved["seeds"]["eval"][0] >= 2_000_000  # evaluation band
     assert res["pairs"] == saved["pairs"] > 0
+    ipo = saved["arms"]["ipo"]  # an extra preference objective on the same pairs
+    assert ipo["tasks"].keys() == saved["tasks"].keys() and 0.0 <= ipo["mean"] <= 1.0
+    assert ipo["ci_points"][0] <= ipo["minus_sft_points"] <= ipo["ci_points"][1]
+    assert "arm:ipo" in saved["wall_seconds"]
