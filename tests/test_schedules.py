@@ -41,6 +41,9 @@ def test_tick_before_any_sft_adapter_skips_and_says_what_to_run(instance):
     assert isinstance(result, dg.SkipReason) and "dpo_loop" in result.skip_message
 
 
+DEFAULT_K = preset("default")["ops"]["rollout_trajectories"]["config"]["samples_per_seed"]
+
+
 def test_tick_requests_one_improvement_round_with_the_preset_config(instance):
     instance.report_runless_asset_event(dg.AssetMaterialization("sft_adapter"))
     context = dg.build_schedule_context(instance=instance, scheduled_execution_time=TICK)
@@ -50,7 +53,7 @@ def test_tick_requests_one_improvement_round_with_the_preset_config(instance):
     assert set(request.run_config["ops"]) == {op for op in preset("default")["ops"] if op != "sft_adapter"}
     assert IMPROVEMENT <= set(request.run_config["ops"])
     assert request.run_config["ops"]["preference_pairs_gates"] == preset("default")["ops"]["preference_pairs_gates"]
-    assert request.run_config["ops"]["rollout_trajectories"]["config"]["samples_per_seed"] == 4
+    assert request.run_config["ops"]["rollout_trajectories"]["config"]["samples_per_seed"] == DEFAULT_K
     assert request.run_config["resources"] == preset("default")["resources"]
     assert request.tags == {"dpo/trigger": "schedule"}
     assert dg.validate_run_config(definitions.defs.resolve_job_def("improvement_round"), request.run_config)
@@ -65,11 +68,11 @@ def test_preset_is_chosen_by_environment(instance, monkeypatch):
     assert request.run_config["resources"]["policy_model"]["config"]["model"] == "tiny-random"
 
 
-@pytest.mark.parametrize("factor, expected", [(1, 4), (2, 8), (4, 16)])
-def test_improvement_run_config_scales_samples_and_drops_sft(factor, expected):
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_improvement_run_config_scales_samples_and_drops_sft(factor):
     base = preset("default")
     config = improvement_run_config(base, samples_factor=factor)
-    assert config["ops"]["rollout_trajectories"]["config"]["samples_per_seed"] == expected
+    assert config["ops"]["rollout_trajectories"]["config"]["samples_per_seed"] == DEFAULT_K * factor
     assert "sft_adapter" not in config["ops"] and "sft_adapter" in base["ops"]  # base left untouched
     no_k = improvement_run_config({"ops": {}}, samples_factor=factor)  # K unset: the RolloutConfig default (4)
-    assert no_k["ops"]["rollout_trajectories"]["config"]["samples_per_seed"] == expected
+    assert no_k["ops"]["rollout_trajectories"]["config"]["samples_per_seed"] == 4 * factor

@@ -10,6 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from dpo_assets import definitions
+from dpo_assets.presets import preset
 from resources import MLflowTracker
 from sensors import new_demos_sensor, regression_sensor
 from sensors.regression_sensor import ATTEMPT_TAG, ROOT_TAG
@@ -141,13 +142,14 @@ def test_keep_previous_requests_one_rerun_with_doubled_samples_and_records_why(f
     report_evaluation(fresh_instance, "keep previous", eval_run)
     result, _ = tick(regression_sensor, fresh_instance, resources=resources)
     (request,) = requests_of(result)
-    assert request.run_config["ops"]["rollout_trajectories"]["config"]["samples_per_seed"] == 8  # default preset K=4
+    k = preset("default")["ops"]["rollout_trajectories"]["config"]["samples_per_seed"]
+    assert request.run_config["ops"]["rollout_trajectories"]["config"]["samples_per_seed"] == 2 * k  # K doubled
     assert "sft_adapter" not in request.run_config["ops"]
     assert dg.validate_run_config(definitions.defs.resolve_job_def("improvement_round"), request.run_config)
     assert request.tags[ATTEMPT_TAG] == "1" and request.run_key.endswith(":retry-1")
     tags = MlflowClient(tracking_uri=tracker.tracking_uri).get_run(eval_run).data.tags
     assert tags["regression.reason"] == "evaluation decided 'keep previous'"
-    assert tags["regression.action"] == f"rerun {request.run_key} with samples_per_seed=8"
+    assert tags["regression.action"] == f"rerun {request.run_key} with samples_per_seed={2 * k}"
     (observation,) = result.asset_events
     assert observation.asset_key == dg.AssetKey("evaluation_report")
     assert observation.metadata["regression_reason"].value == "evaluation decided 'keep previous'"
