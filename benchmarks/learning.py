@@ -74,6 +74,18 @@ def rft_records(pairs: pd.DataFrame) -> list[dict]:
     return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in to_dpo_records(pairs)]
 
 
+def _paired_diff(baseline: list[dict], candidate: list[dict], seed: int) -> tuple[float, float, float]:
+    """Candidate - baseline success with its paired bootstrap interval, over the (task, seed)
+    episodes both policies ran without a browser fault, stratified by task."""
+    def by_key(eps):
+        return {(e["task"], e["seed"]): float(e["success"]) for e in eps if not e["env_error"]}
+
+    a, b = by_key(baseline), by_key(candidate)
+    keys = sorted(a.keys() & b.keys())
+    return paired_bootstrap_diff(np.array([a[k] for k in keys]), np.array([b[k] for k in keys]),
+                                 strata=[k[0] for k in keys], seed=seed)
+
+
 def run(args) -> dict:
     cfg = preset(args.preset)
     ops = {k: v.get("config", {}) for k, v in cfg["ops"].items()}
@@ -184,19 +196,14 @@ def run(args) -> dict:
     out["diff_ci_high_points"] = round(report.summary["diff_ci_high_points"], 1)
     out["decision"] = report.decision
     if "rft" in eval_eps:
-        piv = frame.pivot_table(index=["task", "seed"], columns="policy", values="success").dropna()
-        d, lo, hi = paired_bootstrap_diff(piv["rft"].to_numpy(float), piv["dpo"].to_numpy(float),
-                                          strata=list(piv.index.get_level_values(0)), seed=args.seed)
+        d, lo, hi = _paired_diff(eval_eps["rft"], eval_eps[final], args.seed)
         out.update(dpo_minus_rft_points=round(100 * d, 1), dpo_minus_rft_ci_low_points=round(100 * lo, 1),
                    dpo_minus_rft_ci_high_points=round(100 * hi, 1), dpo_beats_rft=decide(d, lo, hi))
-    base_success = {(e["task"], e["seed"]): float(e["success"]) for e in eval_eps["sft"] if not e["env_error"]}
     for arm in objective_arms:
-        eps = [e for e in eval_eps.get(f"arm:{arm}", []) if not e["env_error"] and (e["task"], e["seed"]) in base_success]
+        eps = [e for e in eval_eps.get(f"arm:{arm}", []) if not e["env_error"]]
         if not eps:
             continue
-        keys = [(e["task"], e["seed"]) for e in eps]
-        d, lo, hi = paired_bootstrap_diff(np.array([base_success[k] for k in keys]), np.array([float(e["success"]) for e in eps]),
-                                          strata=[k[0] for k in keys], seed=args.seed)
+        d, lo, hi = _paired_diff(eval_eps["sft"], eps, args.seed)
         out.setdefault("arms", {})[arm] = {
             "tasks": {t: round(float(np.mean([e["success"] for e in eps if e["task"] == t])), 4) for t in tasks},
             "mean": round(float(np.mean([e["success"] for e in eps])), 4),

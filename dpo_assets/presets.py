@@ -46,8 +46,8 @@ DEFAULT = {
         # format in probes here (chosen rewards drifted negative); lr as in those probes.
         "dpo_adapter": {"config": {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-4}},
         "evaluation_report": {"config": {}},
-        # Production default is 1,000 pairs; one CPU round of 30 seeds x 4 tasks x K=4 yields a few
-        # dozen pairs whose rejected side is a well-formed (not garbled) action.
+        # Production default is 1,000 pairs; one CPU round of 30 seeds x 4 tasks x K=8 yields ~60
+        # pairs whose rejected side is a well-formed (not garbled) action (19 in a second round).
         "preference_pairs_gates": {"config": {"min_pairs": 20}},
         "rollout_trajectories_gates": {"config": {}},
     },
