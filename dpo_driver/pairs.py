@@ -27,7 +27,10 @@ PAIR_COLUMNS = [
 @dataclass
 class ScoreWeights:
     success: float = 1.0  # solving the task dominates every other term
-    reward: float = 0.1  # MiniWoB's time-decayed reward: a faster success scores higher
+    # MiniWoB's time-decayed reward measures *wall-clock* time in the browser, so two same-seed
+    # runs score the same episodes differently and would pick different pairs. Off by default;
+    # step_penalty rewards efficiency deterministically.
+    reward: float = 0.0
     step_penalty: float = 0.02  # per step taken: prefer efficient episodes
     invalid_penalty: float = 0.5  # an output that is no action at all, or names no element
 
@@ -35,7 +38,7 @@ class ScoreWeights:
 @dataclass
 class PairParams:
     min_margin: float = 0.5  # drop pairs whose score gap is smaller
-    max_pairs_per_prompt: int = 2  # cap, so easy prompts with many samples do not dominate
+    max_pairs_per_prompt: int = 2  # cap per state prompt, so easy prompts with many samples do not dominate
     rejected_must_parse: bool = True  # rejected = well-formed but wrong; malformed outputs teach format-breaking
 
 
@@ -63,37 +66,45 @@ def _divergence(good: dict, bad: dict) -> tuple[int, str, str, str] | None:
     return None
 
 
-def build_preference_pairs(episodes: list[dict], params: PairParams, weights: ScoreWeights) -> pd.DataFrame:
-    """One row per pair (PAIR_COLUMNS), deduplicated, deterministic order."""
-    by_state: dict[tuple[str, int], list[dict]] = {}
+def _training_episodes(episodes: list[dict]) -> list[dict]:
+    """Episodes fit to train on: browser crashes dropped, evaluation seeds refused."""
+    kept = []
     for ep in episodes:
         if ep.get("env_error"):
             continue  # a crashed browser says nothing about the policy
         if split_of(int(ep["seed"])) == "eval":
             raise ValueError(f"episode {ep['episode_id']} uses evaluation seed {ep['seed']}: refusing to build training pairs from it")
+        kept.append(ep)
+    return kept
+
+
+def build_preference_pairs(episodes: list[dict], params: PairParams, weights: ScoreWeights) -> pd.DataFrame:
+    """One row per pair (PAIR_COLUMNS), deduplicated, deterministic order."""
+    by_state: dict[tuple[str, int], list[dict]] = {}
+    for ep in _training_episodes(episodes):
         by_state.setdefault((ep["task"], int(ep["seed"])), []).append(ep)
     rows, seen = [], set()
     for (task, seed), eps in sorted(by_state.items()):
         scored = sorted(((score_episode(e, weights), e) for e in eps), key=lambda t: (-t[0], t[1]["sample"]))
         wins = [(s, e) for s, e in scored if e["success"]]
         losses = [(s, e) for s, e in scored if not e["success"]]
-        taken = 0
+        taken: dict[str, int] = {}  # per prompt: a multi-step seed has one prompt per state
         for (sw, w), (sl, l) in itertools.product(wins, losses):
-            if taken >= params.max_pairs_per_prompt:
-                break
             if sw - sl < params.min_margin:
                 continue
             div = _divergence(w, l)
             if div is None:
                 continue
             step, prompt, chosen, rejected = div
+            if taken.get(prompt, 0) >= params.max_pairs_per_prompt:
+                continue
             if params.rejected_must_parse and parse_action(rejected) is None:
                 continue
             key = (prompt, chosen, rejected)
             if key in seen:
                 continue
             seen.add(key)
-            taken += 1
+            taken[prompt] = taken.get(prompt, 0) + 1
             rows.append(
                 {
                     "pair_id": pair_id(*key), "task": task, "seed": seed, "step": step,
@@ -115,6 +126,32 @@ def to_dpo_records(pairs: pd.DataFrame) -> list[dict]:
             "pair_id": r.pair_id, "task": r.task, "seed": int(r.seed), "margin": float(r.margin),
         }
         for r in pairs.itertuples()
+    ]
+
+
+def to_kto_records(episodes: list[dict], rejected_must_parse: bool = True) -> list[dict]:
+    """Unpaired labels for KTO, one per distinct (prompt, completion): every step of a successful
+    episode is desirable; the *last* step of a failed one is undesirable (the action that ended or
+    stalled it, so a correct first step of a multi-step failure is not blamed). A step that also
+    occurs in a success is never undesirable. Unlike pairs, failures need no successful sibling.
+    """
+    good: dict[tuple[str, str], dict] = {}
+    bad: dict[tuple[str, str], dict] = {}
+    for ep in sorted(_training_episodes(episodes), key=lambda e: e["episode_id"]):
+        if ep["success"]:
+            for st in ep["steps"]:
+                good.setdefault((st["prompt"], st["action"] or st["output"].strip()), ep)
+        elif ep["steps"]:
+            last = ep["steps"][-1]
+            out = last["output"].strip()
+            if rejected_must_parse and parse_action(out) is None:
+                continue
+            bad.setdefault((last["prompt"], out), ep)
+    labelled = [(k, True, e) for k, e in good.items()] + [(k, False, e) for k, e in bad.items() if k not in good]
+    return [
+        {"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}],
+         "label": label, "task": e["task"], "seed": int(e["seed"])}
+        for (p, c), label, e in sorted(labelled, key=lambda t: (t[0], not t[1]))
     ]
 
 

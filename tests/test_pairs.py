@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from dpo_driver.pairs import PAIR_COLUMNS, PairParams, ScoreWeights, build_preference_pairs, pair_yield, score_episode, to_dpo_records
+from dpo_driver.pairs import PAIR_COLUMNS, PairParams, ScoreWeights, build_preference_pairs, pair_yield, score_episode, to_dpo_records, to_kto_records
 from dpo_driver.tasks import BAND
 
 SEED = BAND + 7  # a rollout-band seed
@@ -74,3 +74,35 @@ def test_deterministic_and_trl_format():
     rec = to_dpo_records(a)[0]
     assert rec["prompt"][0]["role"] == "user" and rec["chosen"][0]["role"] == rec["rejected"][0]["role"] == "assistant"
     assert pair_yield(eps, a) == {"prompts": 1, "prompts_with_both": 1, "pair_yield": 1.0, "pairs": 2}
+
+
+def test_wall_clock_reward_jitter_does_not_change_pairs_by_default():
+    # MiniWoB's reward decays with browser wall time: a same-seed rerun gives the same actions
+    # slightly different rewards. The default score must not let that reorder or rescore pairs.
+    def run(rewards):
+        wins = [ep(i, True, ['type textbox "a"', 'click button "Submit"'], prompts=["P0", "P1"], reward=r) for i, r in enumerate(rewards)]
+        losses = [ep(10 + i, False, [o], prompts=["P0"]) for i, o in enumerate(['click button "Submit"', 'click textbox "a"'])]
+        return build_preference_pairs(wins + losses, PairParams(max_pairs_per_prompt=1), W)
+
+    first, second = run([0.91, 0.93]), run([0.93, 0.91])
+    pd.testing.assert_frame_equal(first, second)
+    weighted = ScoreWeights(reward=0.1)
+    assert build_preference_pairs([ep(0, True, ["x"], reward=0.91), ep(1, True, ["x"], reward=0.93), ep(2, False, ['click button "b"'])],
+                                  PairParams(max_pairs_per_prompt=1), weighted).iloc[0].chosen_episode.endswith(":1")
+
+
+def test_kto_labels_success_steps_and_the_last_step_of_failures():
+    win = ep(0, True, ['type textbox "a"', 'click button "Submit"'], prompts=["P0", "P1"])
+    retype = ep(1, False, ['type textbox "a"', 'type textbox "a"'], prompts=["P0", "P1"])  # right first step, wrong second
+    early = ep(2, False, ['click button "Submit"'], prompts=["P0"])
+    garbage = ep(3, False, ["no idea"], prompts=["P0"], invalid=True)
+    crash = ep(4, False, ['click textbox "a"'], prompts=["P0"], env_error=True)
+    recs = to_kto_records([win, retype, early, garbage, crash, ep(5, True, ['type textbox "a"', 'click button "Submit"'], prompts=["P0", "P1"])])
+    got = {(r["prompt"][0]["content"], r["completion"][0]["content"], r["label"]) for r in recs}
+    assert got == {("P0", 'type textbox "a"', True), ("P1", 'click button "Submit"', True),
+                   ("P1", 'type textbox "a"', False), ("P0", 'click button "Submit"', False)}
+    assert len(recs) == 4  # duplicates collapse; the correct first step of `retype` is not blamed
+    assert ("P0", "no idea", False) in {(r["prompt"][0]["content"], r["completion"][0]["content"], r["label"])
+                                        for r in to_kto_records([win, garbage], rejected_must_parse=False)}
+    with pytest.raises(ValueError, match="evaluation seed"):
+        to_kto_records([ep(0, True, ["x"], seed=2 * BAND + 1)])
