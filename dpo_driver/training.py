@@ -201,6 +201,16 @@ def train_sft(
         return _run(trainer, records, output_dir)
 
 
+def _trainable_start(base_model: str, adapter_dir: Path, params: DPOParams):
+    """base + the start adapter, trainable: the policy a preference trainer updates."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ValueError(f"SFT adapter dir {adapter_dir} has no adapter_config.json; run SFT first.")
+    model, tokenizer = _load_base(base_model, params)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True), tokenizer
+
+
 def build_dpo_trainer(
     base_model: str,
     sft_adapter_dir: Path,
@@ -219,14 +229,10 @@ def build_dpo_trainer(
     reference would be the bare base model: adapters disabled.)
     """
     from datasets import Dataset
-    from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
     _check_records(records, "train_dpo", ("prompt", "chosen", "rejected"))
-    if not (Path(sft_adapter_dir) / "adapter_config.json").is_file():
-        raise ValueError(f"SFT adapter dir {sft_adapter_dir} has no adapter_config.json; run SFT first.")
-    model, tokenizer = _load_base(base_model, params)
-    model = PeftModel.from_pretrained(model, str(sft_adapter_dir), is_trainable=True)
+    model, tokenizer = _trainable_start(base_model, sft_adapter_dir, params)
     config = DPOConfig(
         **_trainer_args(params, Path(scratch_dir)),
         beta=params.beta,
@@ -242,6 +248,13 @@ def build_dpo_trainer(
     )
 
 
+def _train_preference(builder, base_model: str, start: Path, records: list[dict], output_dir: Path, params: DPOParams, on_log) -> TrainResult:
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.scratch-") as scratch:
+        return _run(builder(base_model, start, records, Path(scratch), params, on_log), records, output_dir)
+
+
 def train_dpo(
     base_model: str,
     sft_adapter_dir: Path,
@@ -252,11 +265,57 @@ def train_dpo(
 ) -> TrainResult:
     """DPO from the SFT adapter against the frozen SFT policy; writes the adapter to `output_dir`."""
     _check_records(records, "train_dpo", ("prompt", "chosen", "rejected"))
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.scratch-") as scratch:
-        trainer = build_dpo_trainer(base_model, sft_adapter_dir, records, Path(scratch), params, on_log)
-        return _run(trainer, records, output_dir)
+    return _train_preference(build_dpo_trainer, base_model, sft_adapter_dir, records, output_dir, params, on_log)
+
+
+def build_kto_trainer(
+    base_model: str,
+    start_adapter_dir: Path,
+    records: list[dict],
+    scratch_dir: Path,
+    params: DPOParams,
+    on_log: Callable[[dict], None] | None = None,
+):
+    """A KTOTrainer on unpaired (prompt, completion, label) records, same wiring as DPO: the start
+    adapter trains and TRL 1.16 freezes a copy of it as the "ref" adapter (kto_trainer.py, PEFT model
+    without ref_model or peft_config), so the reference is the start policy, not the bare base.
+    `params.loss_type`/`loss_weights` are DPO's and unused; the two classes are weighted so that
+    desirable x weight = undesirable x weight, the balance TRL's KTO check asks for.
+    """
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    _check_records(records, "train_kto", ("prompt", "completion", "label"))
+    desirable = sum(bool(r["label"]) for r in records)
+    if desirable == 0 or desirable == len(records):
+        raise ValueError(f"train_kto needs desirable and undesirable records; got {desirable} of {len(records)} desirable.")
+    model, tokenizer = _trainable_start(base_model, start_adapter_dir, params)
+    config = KTOConfig(
+        **_trainer_args(params, Path(scratch_dir)),
+        beta=params.beta,
+        desirable_weight=1.0,
+        undesirable_weight=desirable / (len(records) - desirable),
+    )
+    return KTOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        callbacks=[_ForwardLogs(on_log)] if on_log else None,
+    )
+
+
+def train_kto(
+    base_model: str,
+    start_adapter_dir: Path,
+    records: list[dict],
+    output_dir: Path,
+    params: DPOParams,
+    on_log: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """KTO from the start adapter against its frozen copy; writes the adapter to `output_dir`."""
+    _check_records(records, "train_kto", ("prompt", "completion", "label"))
+    return _train_preference(build_kto_trainer, base_model, start_adapter_dir, records, output_dir, params, on_log)
 
 
 def load_policy(base_model: str, adapter_dir: Path | None = None):

@@ -10,9 +10,11 @@ from dpo_driver.training import (
     DPOParams,
     SFTParams,
     build_dpo_trainer,
+    build_kto_trainer,
     build_sft_trainer,
     load_policy,
     train_dpo,
+    train_kto,
     train_sft,
 )
 
@@ -32,6 +34,9 @@ DPO_RECORDS = [
         "rejected": [{"role": "assistant", "content": 'type textbox "Myron"'}],
     }
     for r in SFT_RECORDS
+]
+KTO_RECORDS = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in DPO_RECORDS] + [
+    {"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in DPO_RECORDS[::2]
 ]
 # A high LR so the SFT adapter is far from identity (LoRA B starts at zero, so untrained == base).
 SFT = SFTParams(learning_rate=1e-2, num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1)
@@ -171,3 +176,23 @@ def test_sft_can_continue_an_existing_adapter(sft, tmp_path):
     saved = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
     assert any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" in n)
+
+
+def test_kto_trains_the_start_adapter_against_its_frozen_copy(sft, tmp_path):
+    sft_dir = sft[0].adapter_dir
+    trainer = build_kto_trainer("tiny-random", sft_dir, KTO_RECORDS, tmp_path / "scratch", DPO)
+    # 16 desirable, 8 undesirable: the weights balance the classes as TRL's check asks.
+    assert (trainer.desirable_weight, trainer.undesirable_weight) == (1.0, 2.0)
+    assert "ref" in trainer.model.peft_config  # the reference is the start adapter, not the bare base
+    result = train_kto("tiny-random", sft_dir, KTO_RECORDS, tmp_path / "kto", DPO)
+    before = load_file(sft_dir / "adapter_model.safetensors")
+    after = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert after.keys() == before.keys() and [k for k in after if torch.equal(after[k], before[k])] == []
+    assert {"kl", "rewards/chosen", "rewards/rejected", "train_loss"} <= result.metrics.keys()
+    assert result.metrics["rewards/chosen"] > result.metrics["rewards/rejected"]  # desirable pushed above undesirable
+
+
+def test_kto_needs_both_labels(sft, tmp_path):
+    with pytest.raises(ValueError, match="desirable and undesirable"):
+        train_kto("tiny-random", sft[0].adapter_dir, [r for r in KTO_RECORDS if r["label"]], tmp_path / "kto", DPO)
+    assert not (tmp_path / "kto").exists()
