@@ -24,6 +24,8 @@ class RolloutConfig(dg.Config):
     temperature: float = Field(1.0, description="sampling temperature (0 = greedy)")
     top_k: int = Field(0, description="top-k sampling cutoff; 0 = off")
     top_p: float = Field(1.0, description="nucleus sampling cutoff")
+    strategy: str = Field("sample", description="'sample': K i.i.d. samples per state; 'verbs': K samples split over the verbs the "
+                          "page allows, each distinct one played out greedily, and later states of successes branched the same way")
     max_new_tokens: int = Field(24, description="tokens generated per action")
     max_steps: int = Field(4, description="steps before an episode is cut off as a failure")
     batch_size: int = Field(16, description="prompts per generate() call")
@@ -35,7 +37,8 @@ class PairsConfig(dg.Config):
     max_pairs_per_prompt: int = Field(2, description="cap on pairs from one (task, seed)")
     rejected_must_parse: bool = Field(True, description="only well-formed (but wrong) actions may be rejected")
     success_weight: float = Field(1.0, description="episode score: weight of task success")
-    reward_weight: float = Field(0.1, description="episode score: weight of MiniWoB's time-decayed reward")
+    reward_weight: float = Field(0.0, description="episode score: weight of MiniWoB's time-decayed reward (wall-clock based, so "
+                                 "nonzero makes same-seed reruns pick different pairs)")
     step_penalty: float = Field(0.02, description="episode score: penalty per step")
     invalid_penalty: float = Field(0.5, description="episode score: penalty for an invalid action")
 

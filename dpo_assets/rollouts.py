@@ -36,7 +36,7 @@ def rollout_trajectories(
     context.log.info(f"rollouts act with {acting_label}: {acting}")
     model, tokenizer = policy_model.load(str(acting))
     policy = LMPolicy(model, tokenizer)
-    sampling = Sampling(config.temperature, config.top_k, config.top_p, config.max_new_tokens, config.batch_size)
+    sampling = Sampling(config.temperature, config.top_k, config.top_p, config.max_new_tokens, config.batch_size, config.strategy)
     seeds = list(task_suite.plan().rollout)
     context.log.info(f"rollouts: {len(tasks)} tasks x {len(seeds)} seeds x K={config.samples_per_seed}")
     out = artifact_store.path_for("rollout_trajectories", context.run_id)

@@ -6,6 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from dpo_driver.actions import TEXT_KINDS, VERBS
 from dpo_driver.observation import Observation
 
 
@@ -16,6 +17,13 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 24  # one action line is < 20 tokens
     batch_size: int = 16  # prompts per generate() call
+    # "sample": K i.i.d. samples per prompt. "verbs": the K samples split evenly over the verbs
+    # the page allows, each sample starting with its verb (see LMPolicy._propose_per_verb).
+    strategy: str = "sample"
+
+    def __post_init__(self):
+        if self.strategy not in ("sample", "verbs"):
+            raise ValueError(f"sampling strategy must be 'sample' or 'verbs', got {self.strategy!r}")
 
 
 @dataclass
@@ -39,46 +47,68 @@ class LMPolicy:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def propose(self, prompts: list[str], observations: list[Observation], num_samples: int, sampling: Sampling, seed: int) -> list[list[str]]:
-        import torch
-
+        if sampling.strategy == "verbs" and sampling.temperature > 0 and num_samples > 1:
+            return self._propose_per_verb(prompts, observations, num_samples, sampling, seed)
+        greedy = sampling.temperature <= 0
         outs: list[list[str]] = []
         for i in range(0, len(prompts), sampling.batch_size):
-            chunk = prompts[i : i + sampling.batch_size]
-            texts = [
-                self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in chunk
-            ]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-            greedy = sampling.temperature <= 0
-            kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-            if greedy:
-                kwargs.update(do_sample=False, num_return_sequences=1)
-            else:
-                kwargs.update(
-                    do_sample=True,
-                    temperature=sampling.temperature,
-                    top_k=sampling.top_k or None,
-                    top_p=sampling.top_p,
-                    num_return_sequences=num_samples,
-                )
-            torch.manual_seed(seed + i)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                if greedy or num_samples == 1:
-                    gen = self.model.generate(**enc, **kwargs)
-                else:
-                    gen = self._sample_shared_prefill(enc, num_samples, kwargs)
-            self.stats.seconds += time.perf_counter() - t0
-            self.stats.calls += 1
-            new = gen[:, enc["input_ids"].shape[1] :]
-            self.stats.prompt_tokens += int(enc["attention_mask"].sum())
-            self.stats.new_tokens += int((new != self.tokenizer.pad_token_id).sum())
-            decoded = [first_line(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+            chunk = [self._chat(p) for p in prompts[i : i + sampling.batch_size]]
             per = 1 if greedy else num_samples
+            decoded = [first_line(t) for t in self._generate(chunk, per, sampling, seed + i)]
             for j in range(len(chunk)):
                 answers = decoded[j * per : (j + 1) * per]
                 outs.append(answers * num_samples if greedy else answers)
         return outs
+
+    def _propose_per_verb(self, prompts: list[str], observations: list[Observation], k: int, sampling: Sampling, seed: int) -> list[list[str]]:
+        """K // (verbs the page allows) samples per verb, the verb forced as the answer's first word.
+
+        Plain sampling finds a rare right verb only by luck (typing before Submit on enter-text:
+        ~3% of samples from the SFT policy, 1 success in 240 episodes), and beam search spends
+        its slots on spellings of the mode ("Click button ...", "button ..."). Forcing each verb
+        of the grammar puts it in front of the environment on every state; the rest of the
+        answer (kind, text) is sampled from the policy.
+        """
+        items = [(j, verb) for j, obs in enumerate(observations) for verb in _verbs(obs)]
+        outs: list[list[str]] = [[] for _ in prompts]
+        groups: dict[int, list[tuple[int, str]]] = {}  # samples per verb -> items
+        for j, verb in items:
+            groups.setdefault(max(1, k // len(_verbs(observations[j]))), []).append((j, verb))
+        for per, group in sorted(groups.items()):
+            for i in range(0, len(group), sampling.batch_size):
+                chunk = group[i : i + sampling.batch_size]
+                decoded = self._generate([self._chat(prompts[j]) + verb for j, verb in chunk], per, sampling, seed + i)
+                for n, (j, verb) in enumerate(chunk):
+                    outs[j] += [first_line(verb + d) for d in decoded[n * per : (n + 1) * per]]
+        return outs
+
+    def _chat(self, prompt: str) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+    def _generate(self, texts: list[str], per: int, sampling: Sampling, seed: int) -> list[str]:
+        """`per` raw continuations of each text, in text order."""
+        import torch
+
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if sampling.temperature <= 0:
+            kwargs.update(do_sample=False, num_return_sequences=1)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None,
+                          top_p=sampling.top_p, num_return_sequences=per)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if kwargs["do_sample"] and per > 1:
+                gen = self._sample_shared_prefill(enc, per, kwargs)
+            else:
+                gen = self.model.generate(**enc, **kwargs)
+        self.stats.seconds += time.perf_counter() - t0
+        self.stats.calls += 1
+        new = gen[:, enc["input_ids"].shape[1] :]
+        self.stats.prompt_tokens += int(enc["attention_mask"].sum())
+        self.stats.new_tokens += int((new != self.tokenizer.pad_token_id).sum())
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def _sample_shared_prefill(self, enc, k: int, kwargs: dict):
         """K samples per prompt from one prefill: the prompt's KV cache is computed once and
@@ -94,6 +124,11 @@ class LMPolicy:
         # generate() sees the cached prefix and feeds only the last prompt token.
         return self.model.generate(input_ids=ids.repeat_interleave(k, 0), attention_mask=mask.repeat_interleave(k, 0),
                                    past_key_values=cache, **kwargs)
+
+
+def _verbs(obs: Observation) -> tuple[str, ...]:
+    """The verbs that can act on this page: `type` only where a text field is listed."""
+    return VERBS if any(e.kind in TEXT_KINDS for e in obs.elements) else ("click",)
 
 
 def first_line(text: str) -> str:

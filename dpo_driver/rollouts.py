@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dpo_driver.actions import parse_action
 from dpo_driver.env import EnvCrashed, WebEnv
@@ -33,15 +33,19 @@ def _record(policy_name: str, spec: EpisodeSpec, **fields) -> dict:
             "task": spec.task, "seed": spec.seed, "sample": spec.sample, **fields}
 
 
-def _play(env: WebEnv, policy, spec: EpisodeSpec, first_output: str, sampling: Sampling, max_steps: int, policy_name: str) -> dict:
+def _play(env: WebEnv, policy, spec: EpisodeSpec, forced: list[str], sampling: Sampling, max_steps: int, policy_name: str,
+          **extra) -> dict:
+    """Reset the seed and act: the outputs in `forced` first (a replayed prefix, then the proposed
+    action), the policy after them."""
     t0 = time.perf_counter()
     obs, _ = env.reset(spec.seed)
     history: list[str] = []
     steps: list[dict] = []
-    output = first_output
     result = None
     for step in range(max_steps):
-        if step > 0:
+        if step < len(forced):
+            output = forced[step]
+        else:
             output = policy.propose([render_prompt(obs, history)], [obs], 1, sampling, seed=spec.seed * 131 + spec.sample * 7 + step)[0][0]
         prompt = render_prompt(obs, history)
         action = parse_action(output)
@@ -76,6 +80,7 @@ def _play(env: WebEnv, policy, spec: EpisodeSpec, first_output: str, sampling: S
         num_steps=len(steps),
         steps=steps,
         wall_seconds=round(time.perf_counter() - t0, 4),
+        **extra,
     )
 
 
@@ -83,6 +88,11 @@ def _crashed(policy_name: str, spec: EpisodeSpec, err: Exception) -> dict:
     # A browser fault, not a policy failure: never used as a rejected sample.
     return _record(policy_name, spec, success=False, reward=None, raw_reward=None, truncated=False, invalid=False,
                    env_error=True, error=str(err)[:500], num_steps=0, steps=[], wall_seconds=0.0)
+
+
+def _distinct(outputs: list[str]) -> list[str]:
+    seen: set[str] = set()
+    return [o for o in outputs if not (o.strip() in seen or seen.add(o.strip()))]
 
 
 def run_episodes(
@@ -97,15 +107,43 @@ def run_episodes(
     chromedriver: str | None = None,
     on_progress: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """K episodes per (task, seed); returns one record per episode, steps included."""
+    """K episodes per (task, seed); returns one record per episode, steps included.
+
+    With `sampling.strategy == "verbs"` the K first actions are sampled per verb (see
+    LMPolicy._propose_per_verb), each distinct one played out greedily; then every later state of
+    a successful episode is branched the same way (prefix replayed, K samples there, greedy after),
+    so multi-step tasks get siblings that diverge at step 1, 2, ... and not only at step 0.
+    Branch episodes carry `branch_of` (the successful episode) and `branch_step`.
+    """
     if samples_per_seed < 1:
         raise ValueError("samples_per_seed must be >= 1")
+    branching = sampling.strategy == "verbs"
+    after_first = replace(sampling, temperature=0.0, strategy="sample") if branching else sampling
     episodes: list[dict] = []
     total = len(tasks) * len(seeds) * samples_per_seed
     t_start = time.perf_counter()
     for task in tasks:
         with WebEnv(task, chrome_binary, chromedriver) as env:
             crashes = 0
+
+            def play(spec: EpisodeSpec, forced: list[str], **extra) -> dict:
+                nonlocal crashes
+                try:
+                    ep = _play(env, policy, spec, forced, after_first, max_steps, policy_name, **extra)
+                    crashes = 0
+                except EnvCrashed as e:
+                    crashes += 1
+                    if crashes >= MAX_CONSECUTIVE_CRASHES:
+                        raise EnvCrashed(f"{task}: browser crashed {crashes} times in a row; last: {e}") from e
+                    ep = _crashed(policy_name, spec, e)
+                episodes.append(ep)
+                if on_progress:
+                    done = len(episodes)
+                    elapsed = time.perf_counter() - t_start
+                    on_progress({"done": done, "total": max(total, done), "task": task, "episodes_per_second": done / elapsed if elapsed else 0.0,
+                                 "success_so_far": sum(e["success"] for e in episodes) / done})
+                return ep
+
             observations, prompts, live_seeds = [], [], []
             for seed in seeds:
                 try:
@@ -122,23 +160,42 @@ def run_episodes(
                 live_seeds.append(seed)
             firsts = policy.propose(prompts, observations, samples_per_seed, sampling, seed=live_seeds[0] if live_seeds else 0)
             for seed, outs in zip(live_seeds, firsts):
-                for k, out in enumerate(outs):
-                    spec = EpisodeSpec(task, seed, k)
-                    try:
-                        ep = _play(env, policy, spec, out, sampling, max_steps, policy_name)
-                        crashes = 0
-                    except EnvCrashed as e:
-                        crashes += 1
-                        if crashes >= MAX_CONSECUTIVE_CRASHES:
-                            raise EnvCrashed(f"{task}: browser crashed {crashes} times in a row; last: {e}") from e
-                        ep = _crashed(policy_name, spec, e)
-                    episodes.append(ep)
-                    if on_progress:
-                        done = len(episodes)
-                        elapsed = time.perf_counter() - t_start
-                        on_progress({"done": done, "total": total, "task": task, "episodes_per_second": done / elapsed if elapsed else 0.0,
-                                     "success_so_far": sum(e["success"] for e in episodes) / done})
+                roots = [play(EpisodeSpec(task, seed, k), [out]) for k, out in enumerate(_distinct(outs) if branching else outs)]
+                if branching:
+                    _branch_successes(env, policy, roots, play, task, seed, samples_per_seed, sampling)
     return episodes
+
+
+def _branch_successes(env: WebEnv, policy, roots: list[dict], play, task: str, seed: int, k: int, sampling: Sampling) -> None:
+    """Branch K distinct actions at every later state of each successful episode (breadth first)."""
+    queue, branched, sample = [e for e in roots if e["success"]], set(), len(roots)
+    while queue:
+        ep = queue.pop(0)
+        for t in range(1, ep["num_steps"]):
+            prompt = ep["steps"][t]["prompt"]
+            if prompt in branched:
+                continue
+            branched.add(prompt)
+            prefix = [s["output"] for s in ep["steps"][:t]]
+            try:
+                obs = _replay(env, seed, prefix)
+            except EnvCrashed:
+                continue  # the next play() call re-opens the browser and counts crashes
+            taken = ep["steps"][t]["output"].strip()
+            for out in _distinct(policy.propose([prompt], [obs], k, sampling, seed=seed * 131 + t)[0]):
+                if out.strip() == taken:
+                    continue  # that branch is `ep` itself
+                child = play(EpisodeSpec(task, seed, sample), prefix + [out], branch_of=ep["episode_id"], branch_step=t)
+                sample += 1
+                if child["success"]:
+                    queue.append(child)
+
+
+def _replay(env: WebEnv, seed: int, outputs: list[str]):
+    obs, _ = env.reset(seed)
+    for out in outputs:
+        obs = env.step(parse_action(out)).observation
+    return obs
 
 
 def first_prompts(tasks: list[str], seeds: list[int], chrome_binary: str | None = None, chromedriver: str | None = None) -> dict[tuple[str, int], str]:

@@ -43,3 +43,15 @@ def test_random_policy_proposes_valid_actions():
 
     outs = RandomPolicy().propose(PROMPTS, OBS, 5, Sampling(), seed=0)
     assert all(parse_action(a) for answers in outs for a in answers)
+
+
+def test_verbs_strategy_splits_samples_over_the_verbs_the_page_allows(policy):
+    form = Observation('Enter "Bob" into the text field and press Submit.', (Element(1, "textbox", ""), Element(2, "button", "Submit")))
+    s = Sampling(temperature=1.0, top_k=50, max_new_tokens=6, batch_size=4, strategy="verbs")
+    buttons_only, with_field = policy.propose([PROMPTS[0], render_prompt(form)], [OBS[0], form], 4, s, seed=1)
+    assert len(buttons_only) == 4 and all(a.startswith("click") for a in buttons_only)  # no text field: no `type`
+    assert [a.startswith("click") for a in with_field] == [True, True, False, False]
+    assert all(a.startswith("type") for a in with_field[2:])  # the random model's continuation follows the forced verb
+    assert policy.propose([render_prompt(form)], [form], 4, s, seed=1) == [with_field]  # seeded
+    with pytest.raises(ValueError, match="strategy"):
+        Sampling(strategy="beam")

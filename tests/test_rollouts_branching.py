@@ -1,0 +1,49 @@
+"""The `verbs` rollout strategy on real MiniWoB++ enter-text: distinct first actions are played out
+greedily, and the second state of every success is branched, so pairs form at step 1 as well."""
+
+from dpo_driver.observation import render_prompt
+from dpo_driver.pairs import PairParams, ScoreWeights, build_preference_pairs
+from dpo_driver.policy import Sampling
+from dpo_driver.rollouts import run_episodes
+from dpo_driver.tasks import seeds_for
+
+
+class ScriptedPolicy:
+    """Stands in for the LM so the test pins the control flow: at the empty form it proposes
+    Submit, a duplicate, and typing the target; after typing, it re-types (wrong) or submits."""
+
+    def __init__(self):
+        self.calls = []
+
+    def propose(self, prompts, observations, k, sampling, seed):
+        self.calls.append((len(prompts), k, sampling.temperature))
+        outs = []
+        for prompt, obs in zip(prompts, observations):
+            target = obs.utterance.split('"')[1]
+            typed = obs.elements[0].text != ""
+            assert prompt.startswith(render_prompt(obs).split("\nNext action:")[0])  # the prompt is of this page state
+            if k == 1:  # greedy continuation: submit once something is typed, else type
+                outs.append(['click button "Submit"' if typed else f'type textbox "{target}"'])
+            elif typed:
+                outs.append(['click button "Submit"', f'type textbox "{target}"', 'click textbox "x"'])
+            else:
+                outs.append(['click button "Submit"', 'click button "Submit"', f'type textbox "{target}"'])
+        return outs
+
+
+def test_verbs_strategy_branches_successes_and_yields_step_one_pairs():
+    seed = seeds_for("rollout", 1)
+    policy = ScriptedPolicy()
+    eps = run_episodes(policy, ["enter-text"], seed, 3, Sampling(temperature=1.0, strategy="verbs"), max_steps=3, policy_name="p")
+    roots = [e for e in eps if e.get("branch_step") is None]
+    assert [e["steps"][0]["output"] for e in roots] == ['click button "Submit"', f'type textbox "{roots[1]["steps"][0]["output"].split(chr(34))[1]}"']
+    assert [e["success"] for e in roots] == [False, True]  # the duplicate Submit was played once; typing then submitting wins
+    branches = [e for e in eps if e.get("branch_step") == 1]
+    # At the typed state the successful action is not replayed; the two others are, prefix first.
+    assert [e["steps"][1]["output"] for e in branches] == [roots[1]["steps"][0]["output"], 'click textbox "x"']
+    assert all(e["branch_of"] == roots[1]["episode_id"] and e["steps"][0]["output"] == roots[1]["steps"][0]["output"] for e in branches)
+    assert len({e["episode_id"] for e in eps}) == len(eps)
+    assert all(t == 0.0 for n, k, t in policy.calls if k == 1)  # continuations are greedy
+    pairs = build_preference_pairs(eps, PairParams(), ScoreWeights())
+    assert sorted(pairs["step"]) == [0, 1, 1]
+    assert set(pairs.loc[pairs.step == 1, "chosen"]) == {'click button "Submit"'}
