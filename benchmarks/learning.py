@@ -27,16 +27,16 @@ import pandas as pd
 
 from dpo_assets.presets import preset
 from dpo_driver.demos import generate_demos
-from dpo_driver.io import atomic_write_text
+from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.model import resolve_model
-from dpo_driver.pairs import PairParams, ScoreWeights, build_preference_pairs, pair_yield, to_dpo_records
+from dpo_driver.pairs import PairParams, ScoreWeights, build_preference_pairs, pair_yield, to_dpo_records, to_kto_records
 from dpo_driver.policy import LMPolicy, RandomPolicy, Sampling
 from dpo_driver.report import build_report
 from dpo_driver.rollouts import run_episodes
 from dpo_driver.stats import decide, paired_bootstrap_diff
 from dpo_driver.tasks import SeedPlan, check_tasks
 from dpo_driver.tracking import package_versions
-from dpo_driver.training import DPOParams, SFTParams, load_policy, train_dpo, train_sft
+from dpo_driver.training import DPOParams, SFTParams, load_policy, train_dpo, train_kto, train_sft
 
 
 class Clock:
@@ -57,7 +57,7 @@ def _sampling(cfg: dict, greedy: bool) -> Sampling:
     if greedy:
         return Sampling(temperature=0.0, max_new_tokens=cfg.get("max_new_tokens", 24), batch_size=cfg.get("batch_size", 16))
     return Sampling(cfg.get("temperature", 1.0), cfg.get("top_k", 0), cfg.get("top_p", 1.0),
-                    cfg.get("max_new_tokens", 24), cfg.get("batch_size", 16))
+                    cfg.get("max_new_tokens", 24), cfg.get("batch_size", 16), cfg.get("strategy", "sample"))
 
 
 def _act(clock: Clock, name: str, policy, tasks, seeds, k, sampling, max_steps) -> list[dict]:
@@ -91,7 +91,7 @@ def run(args) -> dict:
     ops = {k: v.get("config", {}) for k, v in cfg["ops"].items()}
     suite = cfg["resources"]["task_suite"]["config"]
     model_name = args.model or cfg["resources"]["policy_model"]["config"]["model"]
-    tasks = check_tasks(suite["tasks"])
+    tasks = check_tasks(args.tasks.split(",") if args.tasks else suite["tasks"])
     plan = SeedPlan.build(suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"])
     sft_cfg = {**ops["sft_adapter"], "seed": args.seed}
     sft_cfg.pop("demos_path", None)
@@ -115,7 +115,7 @@ def run(args) -> dict:
     rft_params = SFTParams(learning_rate=dpo_cfg.get("learning_rate", 5e-5), num_train_epochs=dpo_cfg.get("num_train_epochs", 1.0),
                            per_device_train_batch_size=dpo_cfg.get("per_device_train_batch_size", 4),
                            max_length=dpo_cfg.get("max_length", 512), seed=args.seed)
-    rounds, first_pairs = [], None
+    rounds, first_pairs, first_episodes = [], None, None
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     eval_eps: dict[str, list[dict]] = {}
 
@@ -133,10 +133,11 @@ def run(args) -> dict:
         m, tok = load_policy(base, current)
         episodes = _act(clock, f"rollouts_r{r}:{current_name}", LMPolicy(m, tok), tasks, list(plan.rollout),
                         roll_cfg.get("samples_per_seed", 4), _sampling(roll_cfg, False), max_steps)
+        atomic_write_jsonl(work / f"rollouts_r{r}.jsonl", episodes)  # kept for diffing reruns and offline probes
         pairs = build_preference_pairs(episodes, pair_params, ScoreWeights())
         stats = pair_yield(episodes, pairs)
         if first_pairs is None:
-            first_pairs = pairs
+            first_pairs, first_episodes = pairs, episodes
         if pairs.empty:
             rounds.append({"round": r, **stats, "decision": "no pairs"})
             break
@@ -165,11 +166,17 @@ def run(args) -> dict:
         evaluate("rft", rft_current)
     objective_arms = [a for a in arms if a not in ("rft", "none")]
     if objective_arms and first_pairs is not None and not first_pairs.empty:
-        # Other preference objectives on round 1's pairs, from the same SFT adapter, same budget.
+        # Other preference objectives on round 1's rollouts, from the same SFT adapter and with DPO's
+        # hyperparameters: TRL DPO losses on the same pairs, or KTO on unpaired success/failure steps.
         for arm in objective_arms:
+            out_dir = work / f"arm_{arm.replace('+', '_')}"
             with clock.stage(f"arm:{arm}"):
-                res = train_dpo(base, sft.adapter_dir, to_dpo_records(first_pairs), work / f"arm_{arm.replace('+', '_')}",
-                                DPOParams(**{**dpo_cfg, "loss_type": arm.split("+")}))
+                if arm == "kto":
+                    res = train_kto(base, sft.adapter_dir, to_kto_records(first_episodes, pair_params.rejected_must_parse),
+                                    out_dir, DPOParams(**dpo_cfg))
+                else:
+                    res = train_dpo(base, sft.adapter_dir, to_dpo_records(first_pairs), out_dir,
+                                    DPOParams(**{**dpo_cfg, "loss_type": arm.split("+")}))
             evaluate(f"arm:{arm}", res.adapter_dir)
     evaluate("random", None, policy=RandomPolicy())
 
@@ -178,7 +185,7 @@ def run(args) -> dict:
                           for e in eps if p in ("sft", "rft", "random", final)])
     frame = frame[~frame["env_error"]]
     report = build_report(frame[["policy", "task", "seed", "success"]], baseline="sft", candidate="dpo", seed=args.seed)
-    out = {"command": " ".join(shlex.quote(a) for a in sys.argv), "preset": args.preset, "seed": args.seed,
+    out = {"command": " ".join(shlex.quote(a) for a in sys.argv), "preset": args.preset, "seed": args.seed, "task_suite": tasks,
            "model": model_name, "tasks": {}, "rounds": rounds, "final_policy": final, "wall_seconds": clock.wall,
            "generation": clock.tokens, "packages": package_versions(), "python": platform.python_version(),
            "seeds": {"demo": [plan.demo[0], plan.demo[-1]], "rollout": [plan.rollout[0], plan.rollout[-1]],
@@ -243,8 +250,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="", help="override the preset's base model (preset name, path or HF id)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=1, help="on-policy rounds of rollouts -> pairs -> DPO")
-    ap.add_argument("--arms", default="rft", help="comma-separated arms on the same rollouts: rft (SFT on chosen), none, or a "
-                    "TRL DPO loss_type list joined by + (e.g. ipo, sigmoid, sigmoid+sft) trained on round 1's pairs")
+    ap.add_argument("--arms", default="rft", help="comma-separated arms on the same rollouts: rft (SFT on chosen), none, kto "
+                    "(unpaired success/failure steps of round 1), or a TRL DPO loss_type list joined by + (e.g. ipo, "
+                    "sigmoid, sigmoid+sft) trained on round 1's pairs")
+    ap.add_argument("--tasks", default="", help="override the preset's task suite (comma-separated MiniWoB++ task names)")
     ap.add_argument("--eval-seeds", type=int, default=0, help="override held-out seeds per task")
     ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
     ap.add_argument("--json", default="", help="write the results here")

@@ -12,7 +12,7 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     from benchmarks.learning import main
 
     out = tmp_path / "learning.json"
-    res = main(["--preset", "tiny", "--eval-seeds", "2", "--arms", "rft,ipo", "--json", str(out), "--workdir", str(tmp_path / "work")])
+    res = main(["--preset", "tiny", "--eval-seeds", "2", "--arms", "rft,ipo,kto", "--json", str(out), "--workdir", str(tmp_path / "work")])
     saved = json.loads(out.read_text())
     assert saved["tasks"].keys() == {"click-tab", "enter-text"}
     for row in saved["tasks"].values():
@@ -27,4 +27,5 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     ipo = saved["arms"]["ipo"]  # an extra preference objective on the same pairs
     assert ipo["tasks"].keys() == saved["tasks"].keys() and 0.0 <= ipo["mean"] <= 1.0
     assert ipo["ci_points"][0] <= ipo["minus_sft_points"] <= ipo["ci_points"][1]
-    assert "arm:ipo" in saved["wall_seconds"]
+    assert {"arm:ipo", "arm:kto"} <= saved["wall_seconds"].keys()
+    assert saved["arms"]["kto"]["tasks"].keys() == saved["tasks"].keys()  # KTO on the unpaired steps of the same rollouts
