@@ -69,11 +69,11 @@ class LMPolicy:
         of the grammar puts it in front of the environment on every state; the rest of the
         answer (kind, text) is sampled from the policy.
         """
-        items = [(j, verb) for j, obs in enumerate(observations) for verb in _verbs(obs)]
         outs: list[list[str]] = [[] for _ in prompts]
-        groups: dict[int, list[tuple[int, str]]] = {}  # samples per verb -> items
-        for j, verb in items:
-            groups.setdefault(max(1, k // len(_verbs(observations[j]))), []).append((j, verb))
+        groups: dict[int, list[tuple[int, str]]] = {}  # samples per verb -> (prompt index, verb)
+        for j, obs in enumerate(observations):
+            verbs = _verbs(obs)
+            groups.setdefault(max(1, k // len(verbs)), []).extend((j, verb) for verb in verbs)
         for per, group in sorted(groups.items()):
             for i in range(0, len(group), sampling.batch_size):
                 chunk = group[i : i + sampling.batch_size]

@@ -91,8 +91,11 @@ def _crashed(policy_name: str, spec: EpisodeSpec, err: Exception) -> dict:
 
 
 def _distinct(outputs: list[str]) -> list[str]:
-    seen: set[str] = set()
-    return [o for o in outputs if not (o.strip() in seen or seen.add(o.strip()))]
+    """Outputs in order, each answer (up to surrounding whitespace) once."""
+    first: dict[str, str] = {}
+    for o in outputs:
+        first.setdefault(o.strip(), o)
+    return list(first.values())
 
 
 def run_episodes(

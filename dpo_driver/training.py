@@ -194,11 +194,16 @@ def train_sft(
 ) -> TrainResult:
     """LoRA SFT on prompt-completion demos; writes the adapter to `output_dir`."""
     _check_records(records, "train_sft", ("prompt", "completion"))
+    return _train_in_scratch(lambda scratch: build_sft_trainer(base_model, records, scratch, params, on_log, init_adapter_dir),
+                             records, output_dir)
+
+
+def _train_in_scratch(build: Callable[[Path], object], records: list[dict], output_dir: Path) -> TrainResult:
+    """Build a trainer on a scratch dir beside `output_dir`, train, and move the adapter in."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.scratch-") as scratch:
-        trainer = build_sft_trainer(base_model, records, Path(scratch), params, on_log, init_adapter_dir)
-        return _run(trainer, records, output_dir)
+        return _run(build(Path(scratch)), records, output_dir)
 
 
 def _trainable_start(base_model: str, adapter_dir: Path, params: DPOParams):
@@ -248,13 +253,6 @@ def build_dpo_trainer(
     )
 
 
-def _train_preference(builder, base_model: str, start: Path, records: list[dict], output_dir: Path, params: DPOParams, on_log) -> TrainResult:
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.scratch-") as scratch:
-        return _run(builder(base_model, start, records, Path(scratch), params, on_log), records, output_dir)
-
-
 def train_dpo(
     base_model: str,
     sft_adapter_dir: Path,
@@ -265,7 +263,8 @@ def train_dpo(
 ) -> TrainResult:
     """DPO from the SFT adapter against the frozen SFT policy; writes the adapter to `output_dir`."""
     _check_records(records, "train_dpo", ("prompt", "chosen", "rejected"))
-    return _train_preference(build_dpo_trainer, base_model, sft_adapter_dir, records, output_dir, params, on_log)
+    return _train_in_scratch(lambda scratch: build_dpo_trainer(base_model, sft_adapter_dir, records, scratch, params, on_log),
+                             records, output_dir)
 
 
 def build_kto_trainer(
@@ -315,7 +314,8 @@ def train_kto(
 ) -> TrainResult:
     """KTO from the start adapter against its frozen copy; writes the adapter to `output_dir`."""
     _check_records(records, "train_kto", ("prompt", "completion", "label"))
-    return _train_preference(build_kto_trainer, base_model, start_adapter_dir, records, output_dir, params, on_log)
+    return _train_in_scratch(lambda scratch: build_kto_trainer(base_model, start_adapter_dir, records, scratch, params, on_log),
+                             records, output_dir)
 
 
 def load_policy(base_model: str, adapter_dir: Path | None = None):
