@@ -28,7 +28,8 @@ def dpo_adapter(
         raise ValueError("preference_pairs is empty: no prompt had both a success and a failure; "
                          "raise rollout samples_per_seed or temperature, or add rollout seeds")
     records = to_dpo_records(preference_pairs)
-    params = DPOParams(**config.model_dump(), load_in_4bit=policy_model.load_in_4bit)
+    params = DPOParams(**config.model_dump(), load_in_4bit=policy_model.load_in_4bit,
+                       bf16=policy_model.train_bf16())
     out = artifact_store.path_for("dpo_adapter", context.run_id)
     acted = preference_pairs.get("policy_adapter", pd.Series(dtype=object)).dropna().unique()
     start = str(acted[0]) if len(acted) else sft_adapter["adapter_dir"]

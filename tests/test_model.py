@@ -110,6 +110,22 @@ def test_4bit_on_cpu_is_refused(tiny):
         load_model_and_tokenizer(str(tiny), load_in_4bit=True)
 
 
+def test_auto_dtype_is_bf16_exactly_where_bf16_is_native(tiny, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(M, "_cpu_has_bf16_units", lambda: native)
+        assert load_model_and_tokenizer(str(tiny))[0].dtype == want
+        assert load_model_and_tokenizer(str(tiny), dtype="float32")[0].dtype == torch.float32  # an explicit dtype wins
+
+
+def test_policy_model_dtype_drives_training_precision():
+    from resources import PolicyModel
+
+    assert [PolicyModel(dtype=d).train_bf16() for d in ("auto", "bfloat16", "float32")] == [None, True, False]
+    with pytest.raises(ValueError, match="cannot train"):
+        PolicyModel(dtype="float16").train_bf16()
+
+
 def test_bad_dtype_is_refused(tiny):
     with pytest.raises(ValueError, match="dtype"):
         load_model_and_tokenizer(str(tiny), dtype="float8")
@@ -124,7 +140,7 @@ def test_smollm2_preset_loads_offline_and_generates(tmp_path, monkeypatch):
         (path / "config.json").read_text()
     )
     model, tok = load_model_and_tokenizer("smollm2-135m", cache_dir=tmp_path)
-    assert model.dtype == torch.float32 and 130e6 < model.num_parameters() < 140e6
+    assert model.dtype == (torch.bfloat16 if M.bf16_is_native() else torch.float32) and 130e6 < model.num_parameters() < 140e6
     assert "<|im_start|>assistant\n" in tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
     enc = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -133,10 +134,11 @@ def test_dpo_trains_the_sft_adapter(sft, tmp_path):
 
 def test_dpo_reference_is_the_frozen_sft_policy(sft, tmp_path):
     sft_dir = sft[0].adapter_dir
-    trainer = build_dpo_trainer("tiny-random", sft_dir, DPO_RECORDS, tmp_path, DPO)
+    # fp32 on both sides: the comparison is exact to 1e-3, which bf16 rounding is not.
+    trainer = build_dpo_trainer("tiny-random", sft_dir, DPO_RECORDS, tmp_path, replace(DPO, bf16=False))
     batch = next(iter(trainer.get_train_dataloader()))
-    sft_policy, _ = load_policy("tiny-random", sft_dir)
-    base, _ = load_policy("tiny-random", None)
+    sft_policy, _ = load_policy("tiny-random", sft_dir, dtype="float32")
+    base, _ = load_policy("tiny-random", None, dtype="float32")
     want, bare = seq_logps(sft_policy, batch), seq_logps(base, batch)
     assert (want - bare).abs().min() > 1.0  # the SFT adapter is far from identity
 
@@ -196,3 +198,18 @@ def test_kto_needs_both_labels(sft, tmp_path):
     with pytest.raises(ValueError, match="desirable and undesirable"):
         train_kto("tiny-random", sft[0].adapter_dir, [r for r in KTO_RECORDS if r["label"]], tmp_path / "kto", DPO)
     assert not (tmp_path / "kto").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU bf16 path")
+def test_bf16_trains_on_cpu(tmp_path):
+    """bf16 on a CPU: Transformers needs use_cpu for it; the base is held in bf16, the LoRA weights
+    the optimizer updates stay fp32, and the loss follows the fp32 run's."""
+    params = replace(SFT, bf16=True)
+    trainer = build_sft_trainer("tiny-random", SFT_RECORDS, tmp_path / "scratch", params)
+    assert trainer.args.bf16 and trainer.args.use_cpu
+    assert {p.dtype for n, p in trainer.model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+    curves = [[log["loss"] for log in train_sft("tiny-random", SFT_RECORDS, tmp_path / f"sft{bf16}", replace(SFT, bf16=bf16)).log_history
+               if "loss" in log] for bf16 in (True, False)]
+    assert curves[0][-1] < 0.8 * curves[0][0]
+    assert curves[0] == pytest.approx(curves[1], rel=0.03)
