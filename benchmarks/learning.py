@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dpo_assets.configs import PairsConfig
 from dpo_assets.presets import preset
 from dpo_driver.demos import generate_demos
 from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.model import resolve_model
-from dpo_driver.pairs import PairParams, ScoreWeights, build_preference_pairs, pair_yield, to_dpo_records, to_kto_records
+from dpo_driver.pairs import build_preference_pairs, pair_yield, to_dpo_records, to_kto_records
 from dpo_driver.policy import LMPolicy, RandomPolicy, Sampling
 from dpo_driver.report import build_report
 from dpo_driver.rollouts import run_episodes
@@ -97,9 +98,8 @@ def run(args) -> dict:
     sft_cfg.pop("demos_path", None)
     dpo_cfg = {**ops["dpo_adapter"], "seed": args.seed}
     roll_cfg, eval_cfg = ops["rollout_trajectories"], ops["evaluation_report"]
-    pair_cfg = ops["preference_pairs"]
-    pair_params = PairParams(pair_cfg.get("min_margin", 0.5), pair_cfg.get("max_pairs_per_prompt", 2),
-                             pair_cfg.get("rejected_must_parse", True))
+    pair_cfg = PairsConfig(**ops["preference_pairs"])  # the asset's own config class: same defaults
+    pair_params, weights = pair_cfg.pair_params(), pair_cfg.score_weights()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo-learning-"))
     clock = Clock()
     max_steps = roll_cfg.get("max_steps", 4)
@@ -134,7 +134,7 @@ def run(args) -> dict:
         episodes = _act(clock, f"rollouts_r{r}:{current_name}", LMPolicy(m, tok), tasks, list(plan.rollout),
                         roll_cfg.get("samples_per_seed", 4), _sampling(roll_cfg, False), max_steps)
         atomic_write_jsonl(work / f"rollouts_r{r}.jsonl", episodes)  # kept for diffing reruns and offline probes
-        pairs = build_preference_pairs(episodes, pair_params, ScoreWeights())
+        pairs = build_preference_pairs(episodes, pair_params, weights)
         stats = pair_yield(episodes, pairs)
         if first_pairs is None:
             first_pairs, first_episodes = pairs, episodes
@@ -172,7 +172,7 @@ def run(args) -> dict:
             out_dir = work / f"arm_{arm.replace('+', '_')}"
             with clock.stage(f"arm:{arm}"):
                 if arm == "kto":
-                    res = train_kto(base, sft.adapter_dir, to_kto_records(first_episodes, pair_params.rejected_must_parse),
+                    res = train_kto(base, sft.adapter_dir, to_kto_records(first_episodes, pair_params.rejected_must_parse, pair_params.shortest_chosen),
                                     out_dir, DPOParams(**dpo_cfg))
                 else:
                     res = train_dpo(base, sft.adapter_dir, to_dpo_records(first_pairs), out_dir,

@@ -36,11 +36,23 @@ class PairsConfig(dg.Config):
     min_margin: float = Field(0.5, description="minimum score gap between chosen and rejected episode")
     max_pairs_per_prompt: int = Field(2, description="cap on pairs from one (task, seed)")
     rejected_must_parse: bool = Field(True, description="only well-formed (but wrong) actions may be rejected")
+    shortest_chosen: bool = Field(True, description="chosen must be a success with the fewest steps left from the divergence "
+                                  "state (a success that wasted steps where a shorter one exists is never chosen)")
     success_weight: float = Field(1.0, description="episode score: weight of task success")
     reward_weight: float = Field(0.0, description="episode score: weight of MiniWoB's time-decayed reward (wall-clock based, so "
                                  "nonzero makes same-seed reruns pick different pairs)")
     step_penalty: float = Field(0.02, description="episode score: penalty per step")
     invalid_penalty: float = Field(0.5, description="episode score: penalty for an invalid action")
+
+    def pair_params(self):
+        from dpo_driver.pairs import PairParams
+
+        return PairParams(self.min_margin, self.max_pairs_per_prompt, self.rejected_must_parse, self.shortest_chosen)
+
+    def score_weights(self):
+        from dpo_driver.pairs import ScoreWeights
+
+        return ScoreWeights(self.success_weight, self.reward_weight, self.step_penalty, self.invalid_penalty)
 
 
 class DPOAdapterConfig(dg.Config):

@@ -3,7 +3,7 @@ import pandas as pd
 
 from dpo_assets.configs import PairsConfig
 from dpo_driver.io import atomic_dir, atomic_write_jsonl
-from dpo_driver.pairs import PairParams, ScoreWeights, build_preference_pairs, pair_yield, to_dpo_records
+from dpo_driver.pairs import build_preference_pairs, pair_yield, to_dpo_records
 from resources import ArtifactStore, MLflowTracker
 
 
@@ -17,9 +17,7 @@ def preference_pairs(
 ) -> dg.MaterializeResult:
     """Success vs failure from the same state: scored, margin-filtered, deduplicated (TRL preference JSONL)."""
     episodes = rollout_trajectories.to_dict("records")
-    params = PairParams(config.min_margin, config.max_pairs_per_prompt, config.rejected_must_parse)
-    weights = ScoreWeights(config.success_weight, config.reward_weight, config.step_penalty, config.invalid_penalty)
-    pairs = build_preference_pairs(episodes, params, weights)
+    pairs = build_preference_pairs(episodes, config.pair_params(), config.score_weights())
     # The policy the pairs were sampled from: DPO starts from it and uses it as the reference.
     acted = sorted(set(rollout_trajectories.get("adapter_dir", pd.Series(dtype=str)).dropna()))
     if len(acted) > 1:

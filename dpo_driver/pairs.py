@@ -40,6 +40,9 @@ class PairParams:
     min_margin: float = 0.5  # drop pairs whose score gap is smaller
     max_pairs_per_prompt: int = 2  # cap per state prompt, so easy prompts with many samples do not dominate
     rejected_must_parse: bool = True  # rejected = well-formed but wrong; malformed outputs teach format-breaking
+    # chosen = a success with the fewest steps left from the divergence state; a success that wastes
+    # steps where a shorter one exists (typing into a stray field before the right click) is not chosen
+    shortest_chosen: bool = True
 
 
 def score_episode(ep: dict, w: ScoreWeights) -> float:
@@ -66,6 +69,17 @@ def _divergence(good: dict, bad: dict) -> tuple[int, str, str, str] | None:
     return None
 
 
+def steps_to_success(episodes: list[dict]) -> dict[str, int]:
+    """Per state prompt: the fewest steps any successful episode took from that state to success."""
+    best: dict[str, int] = {}
+    for ep in episodes:
+        if ep["success"]:
+            for st in ep["steps"]:
+                left = int(ep["num_steps"]) - int(st["step"])
+                best[st["prompt"]] = min(best.get(st["prompt"], left), left)
+    return best
+
+
 def _training_episodes(episodes: list[dict]) -> list[dict]:
     """Episodes fit to train on: browser crashes dropped, evaluation seeds refused."""
     kept = []
@@ -81,8 +95,10 @@ def _training_episodes(episodes: list[dict]) -> list[dict]:
 def build_preference_pairs(episodes: list[dict], params: PairParams, weights: ScoreWeights) -> pd.DataFrame:
     """One row per pair (PAIR_COLUMNS), deduplicated, deterministic order."""
     by_state: dict[tuple[str, int], list[dict]] = {}
-    for ep in _training_episodes(episodes):
+    kept = _training_episodes(episodes)
+    for ep in kept:
         by_state.setdefault((ep["task"], int(ep["seed"])), []).append(ep)
+    shortest = steps_to_success(kept)
     rows, seen = [], set()
     for (task, seed), eps in sorted(by_state.items()):
         scored = sorted(((score_episode(e, weights), e) for e in eps), key=lambda t: (-t[0], t[1]["sample"]))
@@ -96,6 +112,8 @@ def build_preference_pairs(episodes: list[dict], params: PairParams, weights: Sc
             if div is None:
                 continue
             step, prompt, chosen, rejected = div
+            if params.shortest_chosen and w["num_steps"] - step > shortest[prompt]:
+                continue
             if taken.get(prompt, 0) >= params.max_pairs_per_prompt:
                 continue
             if params.rejected_must_parse and parse_action(rejected) is None:
@@ -129,17 +147,22 @@ def to_dpo_records(pairs: pd.DataFrame) -> list[dict]:
     ]
 
 
-def to_kto_records(episodes: list[dict], rejected_must_parse: bool = True) -> list[dict]:
+def to_kto_records(episodes: list[dict], rejected_must_parse: bool = True, shortest_only: bool = True) -> list[dict]:
     """Unpaired labels for KTO, one per distinct (prompt, completion): every step of a successful
-    episode is desirable; the *last* step of a failed one is undesirable (the action that ended or
-    stalled it, so a correct first step of a multi-step failure is not blamed). A step that also
-    occurs in a success is never undesirable. Unlike pairs, failures need no successful sibling.
+    episode is desirable (with `shortest_only`, only where no success from that state took fewer
+    steps); the *last* step of a failed one is undesirable (the action that ended or stalled it, so
+    a correct first step of a multi-step failure is not blamed). A step that also occurs in a
+    success is never undesirable. Unlike pairs, failures need no successful sibling.
     """
     good: dict[tuple[str, str], dict] = {}
     bad: dict[tuple[str, str], dict] = {}
-    for ep in sorted(_training_episodes(episodes), key=lambda e: e["episode_id"]):
+    kept = sorted(_training_episodes(episodes), key=lambda e: e["episode_id"])
+    shortest = steps_to_success(kept)
+    for ep in kept:
         if ep["success"]:
             for st in ep["steps"]:
+                if shortest_only and ep["num_steps"] - st["step"] > shortest[st["prompt"]]:
+                    continue
                 good.setdefault((st["prompt"], st["action"] or st["output"].strip()), ep)
         elif ep["steps"]:
             last = ep["steps"][-1]

@@ -106,3 +106,28 @@ def test_kto_labels_success_steps_and_the_last_step_of_failures():
                                         for r in to_kto_records([win, garbage], rejected_must_parse=False)}
     with pytest.raises(ValueError, match="evaluation seed"):
         to_kto_records([ep(0, True, ["x"], seed=2 * BAND + 1)])
+
+
+def test_chosen_is_a_shortest_success_from_the_divergence_state():
+    # click-button pages hold stray text fields: typing there first and clicking right after still
+    # succeeds, but wastes a step. With a one-step success on the same page, it is never chosen.
+    direct = ep(0, True, ['click button "ok"'], task="click-button")
+    detour = ep(1, True, ['type textbox "ok"', 'click button "ok"'], prompts=["P0", "P1"], task="click-button")
+    wrong = ep(2, False, ['click button "no"'], task="click-button")
+    pairs = build_preference_pairs([direct, detour, wrong], PairParams(max_pairs_per_prompt=5), W)
+    assert list(pairs["chosen"]) == ['click button "ok"']
+    lenient = build_preference_pairs([direct, detour, wrong], PairParams(max_pairs_per_prompt=5, shortest_chosen=False), W)
+    assert sorted(lenient["chosen"]) == ['click button "ok"', 'type textbox "ok"']
+    # Without a shorter success the detour is the best known way, and stays eligible.
+    assert list(build_preference_pairs([detour, wrong], PairParams(), W)["chosen"]) == ['type textbox "ok"']
+
+
+def test_kto_desirable_steps_are_those_of_shortest_successes():
+    direct = ep(0, True, ['click button "ok"'], task="click-button")
+    detour = ep(1, True, ['type textbox "ok"', 'click button "ok"'], prompts=["P0", "P1"], task="click-button")
+    wrong = ep(2, False, ['click button "no"'], task="click-button")
+    labels = {(r["prompt"][0]["content"], r["completion"][0]["content"]): r["label"] for r in to_kto_records([direct, detour, wrong])}
+    # The detour's first step is not desirable; its last step is (no shorter success from P1 exists).
+    assert labels == {("P0", 'click button "ok"'): True, ("P1", 'click button "ok"'): True, ("P0", 'click button "no"'): False}
+    assert ("P0", 'type textbox "ok"') in {(r["prompt"][0]["content"], r["completion"][0]["content"])
+                                           for r in to_kto_records([direct, detour, wrong], shortest_only=False)}

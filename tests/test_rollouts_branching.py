@@ -12,8 +12,9 @@ class ScriptedPolicy:
     """Stands in for the LM so the test pins the control flow: at the empty form it proposes
     Submit, a duplicate, and typing the target; after typing, it re-types (wrong) or submits."""
 
-    def __init__(self):
+    def __init__(self, detour: bool = False):
         self.calls = []
+        self.detour = detour  # at the empty form, also propose focusing the field first (a wasted step)
 
     def propose(self, prompts, observations, k, sampling, seed):
         self.calls.append((len(prompts), k, sampling.temperature))
@@ -26,6 +27,8 @@ class ScriptedPolicy:
                 outs.append(['click button "Submit"' if typed else f'type textbox "{target}"'])
             elif typed:
                 outs.append(['click button "Submit"', f'type textbox "{target}"', 'click textbox "x"'])
+            elif self.detour:
+                outs.append(['click textbox ""', f'type textbox "{target}"', 'click button "Submit"'])
             else:
                 outs.append(['click button "Submit"', 'click button "Submit"', f'type textbox "{target}"'])
         return outs
@@ -47,3 +50,18 @@ def test_verbs_strategy_branches_successes_and_yields_step_one_pairs():
     pairs = build_preference_pairs(eps, PairParams(), ScoreWeights())
     assert sorted(pairs["step"]) == [0, 1, 1]
     assert set(pairs.loc[pairs.step == 1, "chosen"]) == {'click button "Submit"'}
+
+
+def test_only_the_shortest_successes_are_branched():
+    """Focusing the field first also succeeds (click, type, Submit: 3 steps), but typing directly
+    takes 2: only the 2-step success is branched, so no pairs form at states of the detour."""
+    policy = ScriptedPolicy(detour=True)
+    eps = run_episodes(policy, ["enter-text"], seeds_for("rollout", 1), 3, Sampling(temperature=1.0, strategy="verbs"),
+                       max_steps=4, policy_name="p")
+    roots = {e["steps"][0]["output"]: e for e in eps if e.get("branch_step") is None}
+    detour, direct = roots['click textbox ""'], next(e for o, e in roots.items() if o.startswith("type"))
+    assert (detour["success"], detour["num_steps"], direct["success"], direct["num_steps"]) == (True, 3, True, 2)
+    branches = [e for e in eps if "branch_of" in e]
+    assert branches and {e["branch_of"] for e in branches} == {direct["episode_id"]}
+    pairs = build_preference_pairs(eps, PairParams(), ScoreWeights())
+    assert 'click textbox ""' not in set(pairs["chosen"])
