@@ -88,6 +88,14 @@ def _torch_device() -> str | None:
     return "cpu"
 
 
+def _bf16_native() -> bool | None:
+    if importlib.util.find_spec("torch") is None:
+        return None
+    from dpo_driver.model import bf16_is_native
+
+    return bf16_is_native()
+
+
 def _memory_total_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -102,6 +110,7 @@ def system_fingerprint() -> dict:
         "cpu_count": os.cpu_count(),
         "memory_total_bytes": _memory_total_bytes(),
         "torch_device": _torch_device(),
+        "bf16_native": _bf16_native(),  # "auto" precision trains and generates in bf16 exactly when this is true
         "hostname": socket.gethostname(),
     }
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from dpo_driver import tracking
@@ -170,3 +171,7 @@ def test_package_versions_and_fingerprint():
     assert fp["cpu_count"] == os.cpu_count()
     assert fp["memory_total_bytes"] > 0
     assert fp["torch_device"] is None or fp["torch_device"] in ("cpu", "mps") or fp["torch_device"].startswith("cuda:")
+    from dpo_driver.model import _torch_dtype
+
+    # The run records the precision "auto" resolved to on this machine.
+    assert fp["bf16_native"] == (_torch_dtype("auto") == torch.bfloat16)
