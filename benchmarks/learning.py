@@ -79,6 +79,11 @@ def rft_records(pairs: pd.DataFrame) -> list[dict]:
     return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in to_dpo_records(pairs)]
 
 
+def _per_task(episodes: list[dict], tasks: list[str]) -> dict[str, float]:
+    """Success rate per task over the episodes without a browser fault."""
+    return {t: round(float(np.mean([e["success"] for e in episodes if e["task"] == t and not e["env_error"]])), 4) for t in tasks}
+
+
 def _paired_diff(baseline: list[dict], candidate: list[dict], seed: int) -> tuple[float, float, float]:
     """Candidate - baseline success with its paired bootstrap interval, over the (task, seed)
     episodes both policies ran without a browser fault, stratified by task."""
@@ -162,6 +167,7 @@ def run(args) -> dict:
         # A round is promoted unless it is shown worse than the policy it started from.
         promoted = verdict != "keep previous"
         rounds.append({"round": r, **stats, "dpo_metrics": {k: round(v, 4) for k, v in dpo.metrics.items()},
+                       "tasks": _per_task(eval_eps[name], tasks),
                        "mean_success": round(float(new.mean()), 4), "vs_previous_points": round(100 * diff, 1),
                        "ci_points": [round(100 * lo, 1), round(100 * hi, 1)], "decision": verdict, "promoted": promoted})
         if promoted:
@@ -217,7 +223,7 @@ def run(args) -> dict:
             continue
         d, lo, hi = _paired_diff(eval_eps["sft"], eps, args.seed)
         out.setdefault("arms", {})[arm] = {
-            "tasks": {t: round(float(np.mean([e["success"] for e in eps if e["task"] == t])), 4) for t in tasks},
+            "tasks": _per_task(eps, tasks),
             "mean": round(float(np.mean([e["success"] for e in eps])), 4),
             "minus_sft_points": round(100 * d, 1), "ci_points": [round(100 * lo, 1), round(100 * hi, 1)]}
     if first_pairs is not None:
@@ -247,8 +253,14 @@ def print_table(res: dict) -> None:
     if "dpo_minus_rft_points" in res:
         print(f"DPO - RFT: {res['dpo_minus_rft_points']:+.1f} points, 95% CI [{res['dpo_minus_rft_ci_low_points']:+.1f}, "
               f"{res['dpo_minus_rft_ci_high_points']:+.1f}] -> {res['dpo_beats_rft']}")
-    print(f"pairs: {res.get('pairs')}  pair yield: {res.get('pair_yield')}  rounds: "
-          + "; ".join(f"r{r['round']} {r.get('mean_success', '-')} ({r['decision']})" for r in res["rounds"]))
+    print(f"pairs: {res.get('pairs')}  pair yield: {res.get('pair_yield')}")
+    for r in res["rounds"]:
+        if "mean_success" not in r:
+            print(f"round {r['round']}: {r['pairs']} pairs -> {r['decision']}")
+            continue
+        per_task = ", ".join(f"{t} {v:.0%}" for t, v in r["tasks"].items())
+        print(f"round {r['round']}: {r['pairs']} pairs, mean {r['mean_success']:.1%} ({per_task}); "
+              f"vs previous {r['vs_previous_points']:+.1f} {r['ci_points']} -> {r['decision']}")
     for arm, row in res.get("arms", {}).items():
         print(f"arm {arm}: mean {row['mean']:.0%}, minus SFT {row['minus_sft_points']:+.1f} points, "
               f"95% CI [{row['ci_points'][0]:+.1f}, {row['ci_points'][1]:+.1f}]")

@@ -34,7 +34,7 @@ class RolloutConfig(dg.Config):
 
 class PairsConfig(dg.Config):
     min_margin: float = Field(0.5, description="minimum score gap between chosen and rejected episode")
-    max_pairs_per_prompt: int = Field(2, description="cap on pairs from one (task, seed)")
+    max_pairs_per_prompt: int = Field(2, description="cap on pairs from one state prompt (a multi-step seed has one per state)")
     rejected_must_parse: bool = Field(True, description="only well-formed (but wrong) actions may be rejected")
     shortest_chosen: bool = Field(True, description="chosen must be a success with the fewest steps left from the divergence "
                                   "state (a success that wasted steps where a shorter one exists is never chosen)")

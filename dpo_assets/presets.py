@@ -41,16 +41,20 @@ DEFAULT = {
     },
     "ops": {
         "sft_adapter": {"config": {"num_train_epochs": 5.0, "learning_rate": 2e-4}},
-        # strategy "verbs" (typing tried on every form, successes branched) is what taught enter-text
-        # (0% -> 100%; plain sampling: 1 success in 240 episodes). 20 seeds: 193 pairs, DPO +32
-        # points, but 640 s of rollouts + 534 s of DPO (loop ~28 min on 2 cores, over the 15-min
-        # target); 8 seeds: 52 pairs, loop ~14 min, enter-text not learned (+7.5). See
-        # benchmarks/results/learning_widget_verbs{20,8}_seed0.json.
+        # strategy "verbs" (typing tried on every form, shortest successes branched) is what taught
+        # enter-text (0% -> 100%; plain sampling: 1 success in 240 episodes). 20 seeds, bf16 on the
+        # 2-core CPU: 502 episodes in 119 s, 91 pairs; the one-round loop took 490 s (8.2 min) and
+        # reached 93% from SFT's 50% (benchmarks/results/learning_default_seed0_rounds2.json). With 8
+        # seeds (52 pairs) enter-text was not learned.
         "rollout_trajectories": {"config": {"samples_per_seed": 8, "temperature": 1.0, "top_k": 20, "strategy": "verbs"}},
         "preference_pairs": {"config": {"min_margin": 0.5}},
         # DPO + an SFT term on chosen: plain sigmoid DPO pushed probability mass off the answer
-        # format in probes here (chosen rewards drifted negative); lr as in those probes.
-        "dpo_adapter": {"config": {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-4}},
+        # format in probes here (chosen rewards drifted negative); lr as in those probes. Two epochs:
+        # enter-text's step-0 switch (type before Submit) rests on ~14 pairs against a strong SFT
+        # prior, while its step-1 pairs push "type" down in a near-identical state; one epoch learned
+        # it on neither of two training seeds (2%, 0%; beta 0.5 / 1.0, IPO, sigmoid weight 0.5 no
+        # better or unstable), two epochs on both (100%, 100%). Probe: 91 pairs of one rollout set.
+        "dpo_adapter": {"config": {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-4, "num_train_epochs": 2.0}},
         "evaluation_report": {"config": {}},
         # Production default is 1,000 pairs; a CPU round yields tens. enter-text pages differ only by
         # a name from a small pool, so held-out pages recur word for word among training seeds (13

@@ -179,8 +179,8 @@ def _build_tiny_random(out: Path) -> None:
 def bf16_is_native() -> bool:
     """Whether bf16 matmuls run in hardware here: a CUDA GPU with bf16, or an x86 CPU with
     AVX512-BF16 or AMX. Measured on this project's 2-core Zen 5 machine, bf16 made generation
-    2.3-2.8x and LoRA SFT/DPO steps 1.9-2.7x faster than fp32. On CPUs without those units torch
-    emulates bf16, which is no faster, so "auto" stays float32 there."""
+    1.6-2.8x (1.6x with a LoRA adapter) and LoRA SFT/DPO 1.9-2.7x faster than fp32. On CPUs
+    without those units torch emulates bf16, which is no faster, so "auto" stays float32 there."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     return _cpu_has_bf16_units()

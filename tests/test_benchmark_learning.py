@@ -24,6 +24,9 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     assert {"demos", "sft", "dpo_r1", "rft_r1", "eval:sft", "eval:rft", "total"} <= saved["wall_seconds"].keys()
     assert saved["seeds"]["eval"][0] >= 2_000_000  # evaluation band
     assert res["pairs"] == saved["pairs"] > 0
+    r1 = saved["rounds"][0]  # success after each round, per task
+    assert r1["tasks"].keys() == saved["tasks"].keys()
+    assert sum(r1["tasks"].values()) / len(r1["tasks"]) == pytest.approx(r1["mean_success"], abs=1e-3)
     ipo = saved["arms"]["ipo"]  # an extra preference objective on the same pairs
     assert ipo["tasks"].keys() == saved["tasks"].keys() and 0.0 <= ipo["mean"] <= 1.0
     assert ipo["ci_points"][0] <= ipo["minus_sft_points"] <= ipo["ci_points"][1]
