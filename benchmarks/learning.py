@@ -170,10 +170,16 @@ def run(args) -> dict:
                        "tasks": _per_task(eval_eps[name], tasks),
                        "mean_success": round(float(new.mean()), 4), "vs_previous_points": round(100 * diff, 1),
                        "ci_points": [round(100 * lo, 1), round(100 * hi, 1)], "decision": verdict, "promoted": promoted})
+        if "rft" in arms:
+            # Round by round against the control trained on the same rollouts: after round 2 the
+            # control has also learned from the DPO policy's rollouts, so only this pairing is like for like.
+            rft_eps = evaluate(f"rft_r{r}", rft_current)
+            d, lo, hi = _paired_diff(rft_eps, eval_eps[name], args.seed)
+            rounds[-1].update(rft_tasks=_per_task(rft_eps, tasks), rft_mean_success=round(float(np.mean([e["success"] for e in rft_eps])), 4),
+                              dpo_minus_rft_points=round(100 * d, 1), dpo_minus_rft_ci_points=[round(100 * lo, 1), round(100 * hi, 1)])
+            eval_eps["rft"] = rft_eps  # the control's last round, for the summary
         if promoted:
             current, current_name = dpo.adapter_dir, name
-    if rft_current != sft.adapter_dir:
-        evaluate("rft", rft_current)
     objective_arms = [a for a in arms if a not in ("rft", "none")]
     if objective_arms and first_pairs is not None and not first_pairs.empty:
         # Other preference objectives on round 1's rollouts, from the same SFT adapter and with DPO's
@@ -261,6 +267,8 @@ def print_table(res: dict) -> None:
         per_task = ", ".join(f"{t} {v:.0%}" for t, v in r["tasks"].items())
         print(f"round {r['round']}: {r['pairs']} pairs, mean {r['mean_success']:.1%} ({per_task}); "
               f"vs previous {r['vs_previous_points']:+.1f} {r['ci_points']} -> {r['decision']}")
+        if "rft_mean_success" in r:
+            print(f"         RFT control {r['rft_mean_success']:.1%}; DPO - RFT {r['dpo_minus_rft_points']:+.1f} {r['dpo_minus_rft_ci_points']}")
     for arm, row in res.get("arms", {}).items():
         print(f"arm {arm}: mean {row['mean']:.0%}, minus SFT {row['minus_sft_points']:+.1f} points, "
               f"95% CI [{row['ci_points'][0]:+.1f}, {row['ci_points'][1]:+.1f}]")

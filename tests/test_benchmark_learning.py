@@ -21,12 +21,16 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
                 "diff_ci_high_points", "dpo_minus_rft_points", "dpo_minus_rft_ci_low_points", "pairs", "pairs_sha256"):
         assert key in saved, key
     assert saved["diff_ci_low_points"] <= saved["dpo_minus_sft_points"] <= saved["diff_ci_high_points"]
-    assert {"demos", "sft", "dpo_r1", "rft_r1", "eval:sft", "eval:rft", "total"} <= saved["wall_seconds"].keys()
+    assert {"demos", "sft", "dpo_r1", "rft_r1", "eval:sft", "eval:rft_r1", "total", "loop"} <= saved["wall_seconds"].keys()
     assert saved["seeds"]["eval"][0] >= 2_000_000  # evaluation band
     assert res["pairs"] == saved["pairs"] > 0
     r1 = saved["rounds"][0]  # success after each round, per task
     assert r1["tasks"].keys() == saved["tasks"].keys()
     assert sum(r1["tasks"].values()) / len(r1["tasks"]) == pytest.approx(r1["mean_success"], abs=1e-3)
+    # and against the RFT control of the same round, with its paired interval
+    assert r1["rft_tasks"].keys() == saved["tasks"].keys()
+    assert r1["dpo_minus_rft_ci_points"][0] <= r1["dpo_minus_rft_points"] <= r1["dpo_minus_rft_ci_points"][1]
+    assert r1["dpo_minus_rft_points"] == pytest.approx(100 * (r1["mean_success"] - r1["rft_mean_success"]), abs=0.1)
     ipo = saved["arms"]["ipo"]  # an extra preference objective on the same pairs
     assert ipo["tasks"].keys() == saved["tasks"].keys() and 0.0 <= ipo["mean"] <= 1.0
     assert ipo["ci_points"][0] <= ipo["minus_sft_points"] <= ipo["ci_points"][1]
