@@ -43,9 +43,9 @@ DEFAULT = {
         "sft_adapter": {"config": {"num_train_epochs": 5.0, "learning_rate": 2e-4}},
         # strategy "verbs" (typing tried on every form, shortest successes branched) is what taught
         # enter-text (0% -> 100%; plain sampling: 1 success in 240 episodes). 20 seeds, bf16 on the
-        # 2-core CPU: 502 episodes in 119 s, 91 pairs; the one-round loop took 490 s (8.2 min) and
-        # reached 93% from SFT's 50% (benchmarks/results/learning_default_seed0_rounds2.json). With 8
-        # seeds (52 pairs) enter-text was not learned.
+        # 2-core CPU: 502 episodes in ~125 s, 91 pairs; the one-round loop took 508-550 s and reached
+        # 97% from SFT's 50% (benchmarks/results/learning_default_seed0_rounds2.json). With 8 seeds
+        # (52 pairs) enter-text was not learned.
         "rollout_trajectories": {"config": {"samples_per_seed": 8, "temperature": 1.0, "top_k": 20, "strategy": "verbs"}},
         "preference_pairs": {"config": {"min_margin": 0.5}},
         # DPO + an SFT term on chosen: plain sigmoid DPO pushed probability mass off the answer
