@@ -102,7 +102,8 @@ def run(args) -> dict:
     suite = cfg["resources"]["task_suite"]["config"]
     model_name = args.model or cfg["resources"]["policy_model"]["config"]["model"]
     tasks = check_tasks(args.tasks.split(",") if args.tasks else suite["tasks"])
-    plan = SeedPlan.build(suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"])
+    plan = SeedPlan.build(suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"],
+                           eval_offset=args.eval_offset)
     sft_cfg = {**ops["sft_adapter"], "seed": args.seed}
     sft_cfg.pop("demos_path", None)
     dpo_cfg = {**ops["dpo_adapter"], "seed": args.seed}
@@ -287,6 +288,8 @@ def main(argv=None) -> dict:
                     "sigmoid, sigmoid+sft) trained on round 1's pairs")
     ap.add_argument("--tasks", default="", help="override the preset's task suite (comma-separated MiniWoB++ task names)")
     ap.add_argument("--eval-seeds", type=int, default=0, help="override held-out seeds per task")
+    ap.add_argument("--eval-offset", type=int, default=0,
+                    help="start the held-out seeds this far into the eval band (a range no tuning has looked at)")
     ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)

@@ -63,9 +63,11 @@ class SeedPlan:
         assert not sets["demo"] & sets["rollout"], "demo seeds overlap rollout seeds"
 
     @classmethod
-    def build(cls, n_demo: int, n_rollout: int, n_eval: int, rollout_offset: int = 0) -> "SeedPlan":
+    def build(cls, n_demo: int, n_rollout: int, n_eval: int, rollout_offset: int = 0,
+              eval_offset: int = 0) -> "SeedPlan":
+        # eval_offset gives a fresh held-out range, to confirm a preset tuned on the default one
         return cls(
             demo=tuple(seeds_for("demo", n_demo)),
             rollout=tuple(seeds_for("rollout", n_rollout, rollout_offset)),
-            eval=tuple(seeds_for("eval", n_eval)),
+            eval=tuple(seeds_for("eval", n_eval, eval_offset)),
         )

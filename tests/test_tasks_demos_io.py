@@ -15,6 +15,13 @@ def test_seed_splits_are_disjoint_bands():
     assert {split_of(s) for s in plan.eval} == {"eval"}
 
 
+def test_eval_offset_gives_a_fresh_held_out_range():
+    default, fresh = SeedPlan.build(5, 20, 50), SeedPlan.build(5, 20, 50, eval_offset=1000)
+    assert set(default.eval).isdisjoint(fresh.eval)
+    assert {split_of(s) for s in fresh.eval} == {"eval"}
+    assert fresh.demo == default.demo and fresh.rollout == default.rollout
+
+
 def test_seed_plan_rejects_overlap():
     with pytest.raises(AssertionError, match="evaluation seeds overlap"):
         SeedPlan(demo=(1, 2), rollout=(BAND,), eval=(2,))
