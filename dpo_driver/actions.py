@@ -62,3 +62,18 @@ def resolve_target(action: Action, elements: list[Element]) -> Element | None:
 
 def _fold(s: str) -> str:
     return " ".join(s.split())
+
+
+def candidate_actions(utterance: str, elements: list[Element] | tuple[Element, ...]) -> list[Action]:
+    """Every action a state offers, in page order: `click` on each listed element, and `type` of
+    each quoted string of the task into each text field (typing needs a text; the task's quoted
+    strings are the only ones a page hints at). Exploration plays these where sampling finds no
+    success; the list never depends on which task the page belongs to."""
+    quoted = [q for q in utterance.split('"')[1::2] if q and "\n" not in q] or [""]
+    out: list[Action] = []
+    for e in elements:
+        if e.kind in TEXT_KINDS:
+            out += [Action("type", e.kind, q) for q in quoted]
+        else:
+            out.append(Action("click", e.kind, e.text))
+    return list(dict.fromkeys(out))
