@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dpo_assets.configs import PairsConfig
+from dpo_assets.configs import DPOAdapterConfig, PairsConfig, SFTAdapterConfig
 from dpo_assets.presets import preset
 from dpo_driver.demos import generate_demos
 from dpo_driver.io import atomic_write_jsonl, atomic_write_text
@@ -104,9 +104,9 @@ def run(args) -> dict:
     tasks = check_tasks(args.tasks.split(",") if args.tasks else suite["tasks"])
     plan = SeedPlan.build(suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"],
                            eval_offset=args.eval_offset)
-    sft_cfg = {**ops["sft_adapter"], "seed": args.seed}
-    sft_cfg.pop("demos_path", None)
-    dpo_cfg = {**ops["dpo_adapter"], "seed": args.seed}
+    # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
+    sft_cfg = {**SFTAdapterConfig(**ops["sft_adapter"]).model_dump(exclude={"demos_path"}), "seed": args.seed}
+    dpo_cfg = {**DPOAdapterConfig(**ops["dpo_adapter"]).model_dump(), "seed": args.seed}
     roll_cfg, eval_cfg = ops["rollout_trajectories"], ops["evaluation_report"]
     pair_cfg = PairsConfig(**ops["preference_pairs"])  # the asset's own config class: same defaults
     pair_params, weights = pair_cfg.pair_params(), pair_cfg.score_weights()
@@ -123,6 +123,7 @@ def run(args) -> dict:
 
     current, current_name = sft.adapter_dir, "sft"
     rft_params = SFTParams(learning_rate=dpo_cfg.get("learning_rate", 5e-5), num_train_epochs=dpo_cfg.get("num_train_epochs", 1.0),
+                           min_steps=dpo_cfg.get("min_steps", 0),
                            per_device_train_batch_size=dpo_cfg.get("per_device_train_batch_size", 4),
                            max_length=dpo_cfg.get("max_length", 512), seed=args.seed)
     rounds, first_pairs, first_episodes = [], None, None

@@ -12,7 +12,9 @@ class SFTAdapterConfig(dg.Config):
     lora_alpha: int = Field(32, description="LoRA scaling (peft.LoraConfig.lora_alpha)")
     lora_dropout: float = Field(0.05, description="peft.LoraConfig.lora_dropout")
     learning_rate: float = Field(2e-4, description="trl.SFTConfig.learning_rate")
-    num_train_epochs: float = Field(3.0, description="trl.SFTConfig.num_train_epochs")
+    num_train_epochs: float = Field(3.0, description="trl.SFTConfig.num_train_epochs: passes over the demos")
+    min_steps: int = Field(20, description="optimizer-step floor (trl.SFTConfig.max_steps = max(this, epochs x steps per epoch)): "
+                           "a suite with few demos still gets the updates the 4-task default suite gets from 5 epochs")
     per_device_train_batch_size: int = Field(8, description="trl.SFTConfig.per_device_train_batch_size")
     gradient_accumulation_steps: int = Field(1, description="trl.SFTConfig.gradient_accumulation_steps")
     max_length: int = Field(512, description="trl.SFTConfig.max_length (tokens); longer demos are truncated")
@@ -60,7 +62,9 @@ class DPOAdapterConfig(dg.Config):
     loss_type: list[str] = Field(["sigmoid"], description="trl.DPOConfig.loss_type; e.g. ['sigmoid', 'sft'] mixes in an SFT term on chosen")
     loss_weights: list[float] | None = Field(None, description="trl.DPOConfig.loss_weights, one per loss_type")
     learning_rate: float = Field(5e-5, description="trl.DPOConfig.learning_rate")
-    num_train_epochs: float = Field(1.0, description="trl.DPOConfig.num_train_epochs")
+    num_train_epochs: float = Field(1.0, description="trl.DPOConfig.num_train_epochs: passes over the pairs")
+    min_steps: int = Field(30, description="optimizer-step floor (trl.DPOConfig.max_steps = max(this, epochs x steps per epoch)): "
+                           "a round with few pairs still gets this many updates")
     per_device_train_batch_size: int = Field(4, description="trl.DPOConfig.per_device_train_batch_size")
     gradient_accumulation_steps: int = Field(1, description="trl.DPOConfig.gradient_accumulation_steps")
     max_length: int = Field(512, description="trl.DPOConfig.max_length (tokens)")

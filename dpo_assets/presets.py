@@ -21,7 +21,7 @@ TINY = {
         "sft_adapter": {"config": {"num_train_epochs": 10.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_length": 256}},
         "rollout_trajectories": {"config": {"samples_per_seed": 4, "temperature": 0.7, "top_k": 3, "max_new_tokens": 12, "max_steps": 3}},
         "preference_pairs": {"config": {"min_margin": 0.5, "rejected_must_parse": False}},
-        "dpo_adapter": {"config": {"num_train_epochs": 1.0, "per_device_train_batch_size": 2, "max_length": 256}},
+        "dpo_adapter": {"config": {"num_train_epochs": 1.0, "min_steps": 0, "per_device_train_batch_size": 2, "max_length": 256}},
         "evaluation_report": {"config": {"max_new_tokens": 12, "max_steps": 3, "n_boot": 1000}},
         "preference_pairs_gates": {"config": {"min_pairs": 1, "require_rejected_parses": False}},
         "rollout_trajectories_gates": {"config": {}},

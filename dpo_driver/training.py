@@ -8,6 +8,7 @@ leaves a half-written adapter behind.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ class SFTParams:
     target_modules: str | list[str] = "all-linear"  # PEFT target modules; "all-linear" skips lm_head
     learning_rate: float = 2e-4  # AdamW peak learning rate (linear decay)
     num_train_epochs: float = 3.0  # passes over the demos
+    min_steps: int = 0  # optimizer-step floor: a small suite still gets this many updates (see train_steps)
     per_device_train_batch_size: int = 8  # examples per step before accumulation
     gradient_accumulation_steps: int = 1  # steps summed per optimizer update
     max_length: int = 512  # tokens per prompt+completion; longer ones are truncated at the end
@@ -47,6 +49,7 @@ class DPOParams:
     loss_weights: list[float] | None = None  # one weight per loss_type; None = all 1.0
     learning_rate: float = 5e-5  # AdamW peak learning rate (linear decay)
     num_train_epochs: float = 1.0  # passes over the pairs
+    min_steps: int = 0  # optimizer-step floor: a round with few pairs still gets this many updates (see train_steps)
     per_device_train_batch_size: int = 4  # pairs per step before accumulation
     gradient_accumulation_steps: int = 1  # steps summed per optimizer update
     max_length: int = 512  # tokens per prompt+response; longer ones are truncated at the end
@@ -99,12 +102,25 @@ def _load_base(base_model: str, params: SFTParams | DPOParams):
     return model, tokenizer
 
 
-def _trainer_args(params: SFTParams | DPOParams, scratch: Path) -> dict:
+def train_steps(params: SFTParams | DPOParams, num_records: int) -> int:
+    """The optimizer steps a run takes: `num_train_epochs` passes over the records, but never fewer
+    than `min_steps`.
+
+    Epochs alone tie the budget to the suite's size: two tasks of five demos got half the SFT
+    updates of four tasks, and their policy never emitted a working action (SFT 0%, where the
+    same two tasks reached 62-70% inside the four-task suite). The floor gives every suite at least
+    the updates the default suite gets; larger suites still see every record `num_train_epochs` times.
+    """
+    per_epoch = max(1, math.ceil(math.ceil(num_records / params.per_device_train_batch_size) / params.gradient_accumulation_steps))
+    return max(int(params.min_steps), math.ceil(params.num_train_epochs * per_epoch))
+
+
+def _trainer_args(params: SFTParams | DPOParams, scratch: Path, num_records: int) -> dict:
     bf16 = _use_bf16(params.bf16)
     return dict(
         output_dir=str(scratch),
         learning_rate=params.learning_rate,
-        num_train_epochs=params.num_train_epochs,
+        max_steps=train_steps(params, num_records),  # overrides num_train_epochs in the HF Trainer
         per_device_train_batch_size=params.per_device_train_batch_size,
         gradient_accumulation_steps=params.gradient_accumulation_steps,
         max_length=params.max_length,
@@ -177,7 +193,7 @@ def build_sft_trainer(
         )
     return SFTTrainer(
         model=model,
-        args=SFTConfig(**_trainer_args(params, Path(scratch_dir))),
+        args=SFTConfig(**_trainer_args(params, Path(scratch_dir), len(records))),
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,
         peft_config=lora,
@@ -253,7 +269,7 @@ def build_dpo_trainer(
     _check_records(records, "train_dpo", ("prompt", "chosen", "rejected"))
     model, tokenizer = _trainable_start(base_model, sft_adapter_dir, params)
     config = DPOConfig(
-        **_trainer_args(params, Path(scratch_dir)),
+        **_trainer_args(params, Path(scratch_dir), len(records)),
         beta=params.beta,
         loss_type=list(params.loss_type),
         loss_weights=params.loss_weights,
@@ -297,7 +313,7 @@ def build_kto_trainer(
         raise ValueError(f"train_kto needs desirable and undesirable records; got {desirable} of {len(records)} desirable.")
     model, tokenizer = _trainable_start(base_model, start_adapter_dir, params)
     config = KTOConfig(
-        **_trainer_args(params, Path(scratch_dir)),
+        **_trainer_args(params, Path(scratch_dir), len(records)),
         beta=params.beta,
         desirable_weight=1.0,
         undesirable_weight=desirable / (len(records) - desirable),

@@ -213,3 +213,21 @@ def test_bf16_trains_on_cpu(tmp_path):
                if "loss" in log] for bf16 in (True, False)]
     assert curves[0][-1] < 0.8 * curves[0][0]
     assert curves[0] == pytest.approx(curves[1], rel=0.03)
+
+
+def test_train_steps_is_epochs_with_a_floor():
+    from dpo_driver.training import train_steps
+
+    # 16 records, batch 4: 4 steps per epoch.
+    assert train_steps(SFTParams(num_train_epochs=2, per_device_train_batch_size=4), 16) == 8
+    assert train_steps(SFTParams(num_train_epochs=2, per_device_train_batch_size=4, min_steps=20), 16) == 20
+    assert train_steps(SFTParams(num_train_epochs=2, per_device_train_batch_size=4, min_steps=20), 64) == 32
+    assert train_steps(DPOParams(num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2), 17) == 3
+    assert train_steps(DPOParams(num_train_epochs=0.5, per_device_train_batch_size=4, min_steps=1), 2) == 1
+
+
+def test_the_step_floor_is_what_training_runs(tmp_path):
+    """Half the records, same epochs: without the floor a small suite gets half the updates."""
+    params = replace(SFT, min_steps=8)
+    result = train_sft("tiny-random", SFT_RECORDS[:8], tmp_path / "sft", params)
+    assert result.metrics["global_step"] == 8  # 2 epochs x 2 steps would be 4
