@@ -27,7 +27,8 @@ class RolloutConfig(dg.Config):
     top_k: int = Field(0, description="top-k sampling cutoff; 0 = off")
     top_p: float = Field(1.0, description="nucleus sampling cutoff")
     strategy: str = Field("sample", description="'sample': K i.i.d. samples per state; 'verbs': K samples split over the verbs the "
-                          "page allows, each distinct one played out greedily, and later states of successes branched the same way")
+                          "page allows, each distinct one played out greedily, and later states of successes branched the same way; 'candidates': "
+                          "'verbs' plus every action the page offers (each element clicked, each quoted task string typed)")
     max_new_tokens: int = Field(24, description="tokens generated per action")
     max_steps: int = Field(4, description="steps before an episode is cut off as a failure")
     batch_size: int = Field(16, description="prompts per generate() call")

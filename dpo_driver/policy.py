@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from dpo_driver.actions import TEXT_KINDS, VERBS
+from dpo_driver.actions import TEXT_KINDS, VERBS, candidate_actions
 from dpo_driver.observation import Observation
 
 
@@ -19,11 +19,20 @@ class Sampling:
     batch_size: int = 16  # prompts per generate() call
     # "sample": K i.i.d. samples per prompt. "verbs": the K samples split evenly over the verbs
     # the page allows, each sample starting with its verb (see LMPolicy._propose_per_verb).
+    # "candidates": the "verbs" samples plus every action the page offers (actions.candidate_actions).
     strategy: str = "sample"
 
     def __post_init__(self):
-        if self.strategy not in ("sample", "verbs"):
-            raise ValueError(f"sampling strategy must be 'sample' or 'verbs', got {self.strategy!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"sampling strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+
+    @property
+    def explores(self) -> bool:
+        """Distinct proposals are played out greedily and successes branched (rollouts._branch_successes)."""
+        return self.strategy in ("verbs", "candidates")
+
+
+STRATEGIES = ("sample", "verbs", "candidates")
 
 
 @dataclass
@@ -47,8 +56,11 @@ class LMPolicy:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def propose(self, prompts: list[str], observations: list[Observation], num_samples: int, sampling: Sampling, seed: int) -> list[list[str]]:
-        if sampling.strategy == "verbs" and sampling.temperature > 0 and num_samples > 1:
-            return self._propose_per_verb(prompts, observations, num_samples, sampling, seed)
+        if sampling.explores and sampling.temperature > 0 and num_samples > 1:
+            outs = self._propose_per_verb(prompts, observations, num_samples, sampling, seed)
+            if sampling.strategy == "candidates":
+                outs = [o + with_candidates(obs) for o, obs in zip(outs, observations)]
+            return outs
         greedy = sampling.temperature <= 0
         outs: list[list[str]] = []
         for i in range(0, len(prompts), sampling.batch_size):
@@ -129,6 +141,13 @@ class LMPolicy:
 def _verbs(obs: Observation) -> tuple[str, ...]:
     """The verbs that can act on this page: `type` only where a text field is listed."""
     return VERBS if any(e.kind in TEXT_KINDS for e in obs.elements) else ("click",)
+
+
+def with_candidates(obs: Observation) -> list[str]:
+    """Every action the page offers, rendered. Sampling from a policy that has never emitted the
+    right action (a zero-demo base model, or SFT on a task whose demos it did not fit) finds no
+    success to learn from; enumerating the page's actions does, and those successes become chosen."""
+    return [a.render() for a in candidate_actions(obs.utterance, obs.elements)]
 
 
 def first_line(text: str) -> str:

@@ -18,6 +18,7 @@ from dpo_driver.observation import render_prompt
 from dpo_driver.policy import Sampling
 
 MAX_CONSECUTIVE_CRASHES = 3
+DEFAULT_NUM_ENVS = 8  # browsers stepped together in greedy evaluation (see lockstep.py)
 
 
 @dataclass
@@ -109,10 +110,15 @@ def run_episodes(
     chrome_binary: str | None = None,
     chromedriver: str | None = None,
     on_progress: Callable[[dict], None] | None = None,
+    num_envs: int = DEFAULT_NUM_ENVS,
 ) -> list[dict]:
     """K episodes per (task, seed); returns one record per episode, steps included.
 
-    With `sampling.strategy == "verbs"` the K first actions are sampled per verb (see
+    Greedy evaluation (temperature <= 0, one sample per seed) runs on `num_envs` browsers in
+    lockstep, one batched generate per step (see lockstep.py): the same records, faster.
+    `num_envs=0` keeps the one-browser loop below (benchmarks/throughput.py compares the two).
+
+    With an exploring strategy ("verbs", "candidates") the K first actions are sampled per verb (see
     LMPolicy._propose_per_verb), each distinct one played out greedily; then every later state of
     a successful episode is branched the same way (prefix replayed, K samples there, greedy after),
     so multi-step tasks get siblings that diverge at step 1, 2, ... and not only at step 0.
@@ -120,7 +126,11 @@ def run_episodes(
     """
     if samples_per_seed < 1:
         raise ValueError("samples_per_seed must be >= 1")
-    branching = sampling.strategy == "verbs"
+    if num_envs and sampling.temperature <= 0 and samples_per_seed == 1:
+        from dpo_driver.lockstep import run_lockstep  # imported here: lockstep builds on this module's _play
+
+        return run_lockstep(policy, tasks, seeds, sampling, max_steps, policy_name, chrome_binary, chromedriver, on_progress, num_envs)
+    branching = sampling.explores
     after_first = replace(sampling, temperature=0.0, strategy="sample") if branching else sampling
     episodes: list[dict] = []
     total = len(tasks) * len(seeds) * samples_per_seed

@@ -1,6 +1,7 @@
 """The `verbs` rollout strategy on real MiniWoB++ enter-text: distinct first actions are played out
 greedily, and the second state of every success is branched, so pairs form at step 1 as well."""
 
+from dpo_driver.actions import parse_action
 from dpo_driver.observation import render_prompt
 from dpo_driver.pairs import PairParams, ScoreWeights, build_preference_pairs
 from dpo_driver.policy import Sampling
@@ -65,3 +66,25 @@ def test_only_the_shortest_successes_are_branched():
     assert branches and {e["branch_of"] for e in branches} == {direct["episode_id"]}
     pairs = build_preference_pairs(eps, PairParams(), ScoreWeights())
     assert 'click textbox ""' not in set(pairs["chosen"])
+
+
+def test_candidates_strategy_finds_successes_an_untrained_model_never_samples(tmp_path, monkeypatch):
+    """A random ~1M-parameter model never writes a working action; with `candidates` every action
+    the page offers is played too, so successes (and pairs whose chosen is the right click) exist."""
+    from dpo_driver.policy import LMPolicy
+    from dpo_driver.training import load_policy
+
+    monkeypatch.setenv("DPO_DRIVER_CACHE", str(tmp_path / "cache"))
+    policy = LMPolicy(*load_policy("tiny-random"))
+    seeds = seeds_for("rollout", 3)
+    sampled = run_episodes(policy, ["click-button"], seeds, 2, Sampling(temperature=1.0, max_new_tokens=8, strategy="verbs"),
+                           max_steps=2, policy_name="p")
+    assert not any(e["success"] for e in sampled)
+    eps = run_episodes(policy, ["click-button"], seeds, 2, Sampling(temperature=1.0, max_new_tokens=8, strategy="candidates"),
+                       max_steps=2, policy_name="p")
+    assert {e["seed"] for e in eps if e["success"]} == set(seeds)  # every page's right button was played
+    pairs = build_preference_pairs(eps, PairParams(), ScoreWeights())
+    assert set(pairs["seed"]) == set(seeds)
+    for _, row in pairs.iterrows():
+        target = row["prompt"].split('"')[1]  # 'Task: Click on the "X" button.'
+        assert row["chosen"] == f'click button "{target}"' and parse_action(row["rejected"]) is not None
