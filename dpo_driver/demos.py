@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_driver.actions import parse_action
 from dpo_driver.env import WebEnv
 from dpo_driver.experts import expert_action
 from dpo_driver.observation import render_prompt
-from dpo_driver.tasks import check_tasks, split_of
-
-MAX_STEPS = 6
+from dpo_driver.tasks import check_tasks, max_steps_for, split_of
 
 
 def sft_record(prompt: str, completion: str, **meta) -> dict:
@@ -25,6 +24,34 @@ def sft_record(prompt: str, completion: str, **meta) -> dict:
         "completion": [{"role": "assistant", "content": completion}],
         **meta,
     }
+
+
+@dataclass
+class ExpertEpisode:
+    records: list[dict]  # one SFT record per step taken
+    solved: bool
+    failure: str = ""  # why an unsolved episode failed
+
+
+def play_expert(env: WebEnv, seed: int, max_steps: int) -> ExpertEpisode:
+    """One episode of the task's scripted expert on `seed`, cut off after `max_steps` steps."""
+    task = env.task
+    obs, fields = env.reset(seed)
+    history: list[str] = []
+    records = []
+    for step in range(max_steps):
+        try:
+            action = expert_action(task, fields, obs, history)
+        except ValueError as e:  # the expert found no way on this page: an unsolved episode
+            return ExpertEpisode(records, False, f"step {step}: {e}")
+        records.append(sft_record(render_prompt(obs, history), action.render(), task=task, seed=seed, step=step))
+        result = env.step(action)
+        history.append(action.render())
+        if result.done:
+            solved = result.raw_reward >= 1.0
+            return ExpertEpisode(records, solved, "" if solved else f"step {step}: {action.render()} ended with reward {result.raw_reward}")
+        obs = result.observation
+    return ExpertEpisode(records, False, f"not done after {max_steps} steps")
 
 
 def generate_demos(
@@ -43,22 +70,11 @@ def generate_demos(
     for task in tasks:
         with WebEnv(task, chrome_binary, chromedriver) as env:
             for seed in seeds:
-                obs, fields = env.reset(seed)
-                history: list[str] = []
-                steps = []
-                for step in range(MAX_STEPS):
-                    action = expert_action(task, fields, obs, history)
-                    steps.append(sft_record(render_prompt(obs, history), action.render(), task=task, seed=seed, step=step))
-                    result = env.step(action)
-                    history.append(action.render())
-                    if result.done:
-                        break
-                    obs = result.observation
-                solved = result.done and result.raw_reward >= 1.0
-                if solved:
-                    records.extend(steps)
+                episode = play_expert(env, seed, max_steps_for(task))
+                if episode.solved:
+                    records.extend(episode.records)
                 if on_episode:
-                    on_episode(task, seed, solved)
+                    on_episode(task, seed, episode.solved)
     return records
 
 

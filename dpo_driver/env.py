@@ -9,6 +9,39 @@ from typing import Any
 
 from dpo_driver.actions import Action, resolve_target
 from dpo_driver.observation import Observation, parse_observation
+from dpo_driver.tasks import FROZEN_LISTING_TASKS
+
+# A closed <select> hides its options from MiniWoB's DOM dump (they have no layout box): read
+# them, as (text, selected) pairs per select ref, so the policy can see what it may choose.
+_DROPDOWNS_JS = """
+var out = {};
+for (var ref in core.previousDOMInfo) {
+  var el = core.previousDOMInfo[ref];
+  if (el.tagName === 'SELECT' && !el.multiple && el.size <= 1)
+    out[ref] = Array.from(el.options).map(function (o) { return [o.text, o.selected]; });
+}
+return out;
+"""
+# jQuery UI widgets animate (accordions, ~0.4 s) or wait (autocomplete suggestions, 0.3 s)
+# before they show a change; an observation taken in between shows the page before the action.
+# Switched off, the observation right after an action shows its result.
+_NO_DELAYS_JS = """
+if (window.jQuery) {
+  jQuery.fx.off = true;
+  if (jQuery.ui && jQuery.ui.autocomplete) jQuery('.ui-autocomplete-input').autocomplete('option', 'delay', 0);
+}
+"""
+# MiniWoB has no select action and clicking an <option> selects nothing: choose the option the
+# way a user's pick does (mark it selected, then fire `change` for the page's listeners).
+# arguments: the ref of an <option>, or of a <select> plus the index of its option.
+_SELECT_JS = """
+var el = core.previousDOMInfo[arguments[0]];
+var opt = el.tagName === 'OPTION' ? el : el.options[arguments[1]];
+var sel = opt.closest('select');
+opt.selected = true;
+sel.dispatchEvent(new Event('input', {bubbles: true}));
+sel.dispatchEvent(new Event('change', {bubbles: true}));
+"""
 
 
 class EnvCrashed(RuntimeError):
@@ -68,12 +101,22 @@ class WebEnv:
             if self._env is None:
                 self._env = self._make()
             raw, _ = self._env.reset(seed=seed)
+            self._driver().execute_script(_NO_DELAYS_JS)
+            self._observe(raw)
         except Exception as e:  # selenium raises many types; all mean the browser is unusable
             self._discard()
             raise EnvCrashed(f"{self.task} seed {seed}: browser failed on reset: {e}") from e
-        self.raw = raw
-        self.observation = parse_observation(raw)
         return self.observation, dict(raw["fields"])
+
+    def _driver(self):
+        return self._env.unwrapped.instance.driver
+
+    def _observe(self, raw: dict[str, Any], done: bool = False):
+        if not done and any(str(e["tag"]) == "select" for e in raw["dom_elements"]):
+            found = self._driver().execute_script(_DROPDOWNS_JS)
+            raw = {**raw, "dropdowns": {int(r): [(str(t), bool(s)) for t, s in opts] for r, opts in found.items()}}
+        self.raw = raw
+        self.observation = None if done else parse_observation(raw, ordinals=self.task not in FROZEN_LISTING_TASKS)
 
     def step(self, action: Action | None) -> StepResult:
         """Apply an action; an unparseable or unresolvable one ends the episode as a failure."""
@@ -87,14 +130,16 @@ class WebEnv:
         try:
             if action.verb == "click":
                 act = env.create_action(ActionTypes.CLICK_ELEMENT, ref=target.ref)
+            elif action.verb == "select":
+                self._driver().execute_script(_SELECT_JS, target.ref, self._option_index(target))
+                act = env.create_action(ActionTypes.NONE)  # the choice is made; step to observe it
             else:
                 act = env.create_action(ActionTypes.FOCUS_ELEMENT_AND_TYPE_TEXT, ref=target.ref, text=action.text)
             raw, reward, terminated, truncated, info = self._env.step(act)
+            self._observe(raw, done=bool(terminated or truncated))
         except Exception as e:
             self._discard()
             raise EnvCrashed(f"{self.task}: browser failed on step: {e}") from e
-        self.raw = raw
-        self.observation = parse_observation(raw) if not (terminated or truncated) else None
         return StepResult(
             self.observation,
             dict(raw.get("fields", ())),
@@ -103,6 +148,11 @@ class WebEnv:
             done=bool(terminated or truncated),
             valid=True,
         )
+
+    def _option_index(self, option) -> int:
+        """Index of a closed dropdown's option within its <select> (-1: the option has its own ref)."""
+        same_ref = [e for e in self.observation.elements if e.ref == option.ref and e.kind == "option"]
+        return same_ref.index(option) if "dropdowns" in self.raw and option.ref in self.raw["dropdowns"] else -1
 
     def _discard(self):
         env, self._env = self._env, None
