@@ -1,19 +1,22 @@
 """Blocking Great Expectations gates: a failed gate stops DPO (and everything after it) in that run.
 
-The GE glue lives in dpo_driver.quality; this module only maps gate results to Dagster
+`sft_adapter_validation` gates rollouts on the SFT policy (dpo_driver.validation). The GE glue lives in dpo_driver.quality; this module only maps gate results to Dagster
 AssetCheckResults and logs them to MLflow beside the asset they judge.
 """
 
-
 import json
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from dpo_driver.io import read_jsonl
+from dpo_driver.policy import LMPolicy
 from dpo_driver.quality import GateResult, PairGateThresholds, check_eval_seeds_disjoint, run_pair_gates, run_trajectory_gates
 from dpo_driver.rollouts import first_prompts
-from resources import MLflowTracker, TaskSuite, WebEnvironment
+from dpo_driver.validation import validate_policy
+from resources import MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
 
 PAIR_GATES = ("count", "margin", "decontamination", "format", "duplicates")
 TRAJECTORY_GATES = ("count", "terminal_reward", "known_task", "env_errors")
@@ -130,4 +133,39 @@ def evaluation_report_seeds_disjoint(evaluation_report: dict, task_suite: TaskSu
     return _check_result("evaluation_report", "seeds_disjoint", check_eval_seeds_disjoint(evaluated, train))
 
 
-CHECKS = [preference_pairs_gates, rollout_trajectories_gates, evaluation_report_seeds_disjoint]
+class SFTGateConfig(dg.Config):
+    min_valid_fraction: float = Field(0.8, description="share of held-out demo states where the SFT policy's greedy answer parses as an action")
+    min_expert_match: float = Field(0.25, description="share of held-out demo states where it equals the expert's action")
+    max_new_tokens: int = Field(24, description="tokens generated per answer (greedy)")
+
+
+# Op name "sft_adapter_validation" (<asset>_<check>), the key its config has in run config and presets.
+@dg.asset_check(asset="sft_adapter", name="validation", blocking=True,
+                description="the SFT policy answers held-out expert states (validation slice of the demo band) validly and like the expert")
+def sft_adapter_validation(context: dg.AssetCheckExecutionContext, config: SFTGateConfig, sft_adapter: dict,
+                           policy_model: PolicyModel, tracker: MLflowTracker) -> dg.AssetCheckResult:
+    model, tokenizer = policy_model.load(sft_adapter["adapter_dir"])
+    result = validate_policy(LMPolicy(model, tokenizer), read_jsonl(Path(sft_adapter["validation_path"])), config.max_new_tokens)
+    passed, message = result.verdict(config.min_valid_fraction, config.min_expert_match)
+    context.log.info(message)
+    run_id = sft_adapter.get("mlflow_run_id")
+    if run_id and run_id != "none":
+        client = tracker.tracker().client
+        client.set_tag(run_id, "gate.sft_validation", "pass" if passed else "FAIL")
+        for k in ("valid_fraction", "expert_match"):
+            client.log_metric(run_id, f"validation_{k}", getattr(result, k))
+    per_task = pd.DataFrame(result.per_task).T
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=message,
+        metadata={
+            "valid_fraction": result.valid_fraction, "expert_match": result.expert_match, "states": result.num_states,
+            "min_valid_fraction": config.min_valid_fraction, "min_expert_match": config.min_expert_match,
+            "per_task": dg.MetadataValue.md(per_task.to_markdown() if not per_task.empty else "(none)"),
+            "mismatches": dg.MetadataValue.json(result.examples),
+        },
+    )
+
+
+CHECKS = [sft_adapter_validation, preference_pairs_gates, rollout_trajectories_gates, evaluation_report_seeds_disjoint]

@@ -15,7 +15,8 @@ import copy
 TINY = {
     "resources": {
         "policy_model": {"config": {"model": "tiny-random"}},
-        "task_suite": {"config": {"tasks": ["click-tab", "enter-text"], "demo_seeds": 6, "rollout_seeds": 4, "eval_seeds": 4}},
+        "task_suite": {"config": {"tasks": ["click-tab", "enter-text"], "demo_seeds": 6, "rollout_seeds": 4, "eval_seeds": 4,
+                                  "validation_seeds": 2}},
     },
     "ops": {
         "sft_adapter": {"config": {"num_train_epochs": 10.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_length": 256}},
@@ -23,6 +24,8 @@ TINY = {
         "preference_pairs": {"config": {"min_margin": 0.5, "rejected_must_parse": False}},
         "dpo_adapter": {"config": {"num_train_epochs": 1.0, "min_steps": 0, "per_device_train_batch_size": 2, "max_length": 256}},
         "evaluation_report": {"config": {"max_new_tokens": 12, "max_steps": 3, "n_boot": 1000}},
+        # The random model learns the answer format, not the pages: the gate checks the format only.
+        "sft_adapter_validation": {"config": {"min_valid_fraction": 0.5, "min_expert_match": 0.0, "max_new_tokens": 12}},
         "preference_pairs_gates": {"config": {"min_pairs": 1, "require_rejected_parses": False}},
         "rollout_trajectories_gates": {"config": {}},
     },
@@ -64,6 +67,7 @@ DEFAULT = {
         # a name from a small pool, so held-out pages recur word for word among training seeds (13
         # of 193 step-0 pairs in one run): like click-tab, text overlap cannot separate the splits
         # there, and only the seed gate applies to it.
+        "sft_adapter_validation": {"config": {}},
         "preference_pairs_gates": {"config": {"min_pairs": 20, "ngram_exempt_tasks": ["click-tab", "enter-text"]}},
         "rollout_trajectories_gates": {"config": {}},
     },

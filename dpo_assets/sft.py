@@ -7,6 +7,7 @@ from dpo_assets.configs import SFTAdapterConfig
 from dpo_driver.demos import generate_demos, load_demos
 from dpo_driver.io import atomic_dir, atomic_write_jsonl
 from dpo_driver.train import JobSpec
+from dpo_driver.validation import validation_seeds
 from dpo_driver.training import SFTParams
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
 
@@ -36,6 +37,9 @@ def sft_adapter(
         source = "scripted experts"
     if not demos:
         raise ValueError("no golden demonstrations: the experts solved no demo seed; check the task suite")
+    # Held-out expert states for the SFT gate (sft_adapter_validation), from the demo band only.
+    chrome, driver = web_env.browser()
+    validation = generate_demos(tasks, validation_seeds(task_suite.validation_seeds, task_suite.plan().demo), chrome, driver)
     context.log.info(f"{len(demos)} demo steps from {source}; training LoRA SFT on {base}")
     params = SFTParams(**config.model_dump(exclude={"demos_path"}), load_in_4bit=policy_model.load_in_4bit,
                        bf16=policy_model.train_bf16())
@@ -44,6 +48,7 @@ def sft_adapter(
                                      tags={"dagster_run_id": context.run_id}) as run:
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "demos.jsonl", demos)
+            atomic_write_jsonl(tmp / "validation.jsonl", validation)
             # Paths relative to the spec's folder: the spec stays valid once tmp becomes `out`.
             spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params))
             result = trainer.train(context, spec.write(tmp / "sft_job.json"))
@@ -51,7 +56,8 @@ def sft_adapter(
         run.log_artifact(out / "demos.jsonl")
         run.log_artifacts(out / "adapter", "adapter")
     value = {"adapter_dir": str(out / "adapter"), "base_model": base, "model": policy_model.model,
-             "num_examples": result["num_examples"], "mlflow_run_id": run.run_id}
+             "num_examples": result["num_examples"], "mlflow_run_id": run.run_id,
+             "validation_path": str(out / "validation.jsonl")}
     return dg.MaterializeResult(
         value=value,
         metadata={
@@ -59,6 +65,7 @@ def sft_adapter(
             "base_model": base,
             "demo_steps": len(demos),
             "demo_source": source,
+            "validation_states": len(validation),
             **{k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))},
             "mlflow_run_id": run.run_id,
         },

@@ -10,6 +10,7 @@ class TaskSuite(dg.ConfigurableResource):
     demo_seeds: int = 10  # golden demos per task (expert episodes)
     rollout_seeds: int = 50  # training seeds per task the policy acts on
     eval_seeds: int = 50  # held-out seeds per task for evaluation
+    validation_seeds: int = 10  # expert episodes per task on a validation slice of the demo band: the SFT gate's states
 
     def task_list(self) -> list[str]:
         return check_tasks(self.tasks)

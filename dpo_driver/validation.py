@@ -1,0 +1,79 @@
+"""The SFT gate: before any rollout, does the SFT policy act like the expert on held-out demo states?
+
+A policy that never emits a working action gives rollouts nothing to learn from (two tasks trained
+with half the default suite's SFT updates: SFT 0%, DPO 0%). The gate replays the expert on a
+*validation* slice of the demo seed band — never evaluation seeds, never the seeds SFT trained on —
+and asks the SFT policy, greedily, for the next action at every expert state (teacher forcing:
+each state is the one the expert reached). No browser is needed to score it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from dpo_driver.actions import parse_action
+from dpo_driver.policy import Sampling
+from dpo_driver.tasks import BAND, seeds_for
+
+# Validation seeds start half-way into the demo band: demo plans use [0, n) with n far below this.
+VALIDATION_OFFSET = BAND // 2
+
+
+def validation_seeds(count: int, demo_seeds: tuple[int, ...] | list[int] = ()) -> list[int]:
+    seeds = seeds_for("demo", count, VALIDATION_OFFSET)
+    overlap = set(seeds) & set(demo_seeds)
+    if overlap:
+        raise ValueError(f"validation seeds overlap the demo seeds SFT trains on ({len(overlap)} seeds, e.g. {min(overlap)})")
+    return seeds
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    num_states: int
+    valid_fraction: float  # answers that parse as an action
+    expert_match: float  # answers equal to the expert's action
+    per_task: dict[str, dict[str, float]]
+    examples: list[dict]  # a few mismatches, for the check's metadata
+
+    def verdict(self, min_valid_fraction: float, min_expert_match: float) -> tuple[bool, str]:
+        """(passed, message). The message names the failed value, its threshold and what to do."""
+        if self.num_states == 0:
+            return False, "no validation states: the experts solved no validation seed of the suite's tasks"
+        problems = []
+        if self.valid_fraction < min_valid_fraction:
+            problems.append(f"valid actions {self.valid_fraction:.0%} < {min_valid_fraction:.0%}")
+        if self.expert_match < min_expert_match:
+            problems.append(f"expert match {self.expert_match:.0%} < {min_expert_match:.0%}")
+        weak = sorted(t for t, s in self.per_task.items() if s["expert_match"] < min_expert_match)
+        if not problems:
+            return True, f"SFT policy: {self.valid_fraction:.0%} valid, {self.expert_match:.0%} expert match on {self.num_states} held-out states"
+        return False, (
+            f"SFT policy is not ready for rollouts: {'; '.join(problems)} on {self.num_states} held-out demo states"
+            + (f" (weakest tasks: {', '.join(weak[:8])})" if weak else "")
+            + ". Train longer (sft_adapter min_steps / num_train_epochs) or give more demos (task_suite demo_seeds)."
+        )
+
+
+def validate_policy(policy, records: list[dict], max_new_tokens: int = 24, batch_size: int = 16) -> ValidationResult:
+    """Greedy answers of `policy` to the prompts of expert demo `records` (demos.sft_record format)."""
+    prompts = [r["prompt"][0]["content"] for r in records]
+    expected = [r["completion"][0]["content"].strip() for r in records]
+    greedy = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers = [a[0].strip() for a in policy.propose(prompts, [None] * len(prompts), 1, greedy, seed=0)] if prompts else []
+    per: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    examples = []
+    for r, want, got in zip(records, expected, answers):
+        valid, match = parse_action(got) is not None, got == want
+        per[r.get("task", "?")].append((valid, match))
+        if not match and len(examples) < 10:
+            examples.append({"task": r.get("task"), "seed": r.get("seed"), "step": r.get("step"), "expert": want, "policy": got})
+    n = len(answers)
+    return ValidationResult(
+        num_states=n,
+        valid_fraction=sum(v for rows in per.values() for v, _ in rows) / n if n else 0.0,
+        expert_match=sum(m for rows in per.values() for _, m in rows) / n if n else 0.0,
+        per_task={t: {"states": len(rows), "valid_fraction": sum(v for v, _ in rows) / len(rows),
+                      "expert_match": sum(m for _, m in rows) / len(rows)} for t, rows in sorted(per.items())},
+        examples=examples,
+    )

@@ -1,0 +1,69 @@
+"""The SFT gate through a real Dagster materialize: an untrained adapter is stopped before rollouts,
+a trained one passes. Real MiniWoB demos (expert on the demo band's validation slice), real TRL."""
+
+import copy
+
+import dagster as dg
+import pytest
+
+from dpo_assets.checks import sft_adapter_validation
+from dpo_assets.presets import preset
+from dpo_assets.rollouts import rollout_trajectories
+from dpo_assets.sft import sft_adapter
+from dpo_driver.io import read_jsonl
+from dpo_driver.tasks import split_of
+from dpo_driver.validation import VALIDATION_OFFSET, validation_seeds
+from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def resources(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_HOME", str(tmp_path))
+    return {"policy_model": PolicyModel(model="tiny-random", cache_dir=str(tmp_path / "models")),
+            "task_suite": TaskSuite(tasks=["click-tab"], demo_seeds=6, rollout_seeds=2, eval_seeds=2, validation_seeds=4),
+            "web_env": WebEnvironment(), "artifact_store": ArtifactStore(root=str(tmp_path / "artifacts")),
+            "tracker": MLflowTracker(), "trainer": TrainingLauncher()}
+
+
+def run(resources, sft_config: dict, tmp_path):
+    config = copy.deepcopy(preset("tiny"))
+    config["ops"] = {k: v for k, v in config["ops"].items() if k in ("sft_adapter", "sft_adapter_validation", "rollout_trajectories")}
+    config["ops"]["sft_adapter"]["config"].update(sft_config)
+    config["ops"]["sft_adapter_validation"]["config"].update({"min_valid_fraction": 0.9})
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        return dg.materialize([sft_adapter, rollout_trajectories, sft_adapter_validation], resources=resources,
+                              run_config=config, instance=instance, raise_on_error=False)
+
+
+def checks(result) -> dict:
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def test_untrained_adapter_fails_the_gate_and_rollouts_never_start(resources, tmp_path):
+    result = run(resources, {"learning_rate": 0.0, "min_steps": 1, "num_train_epochs": 0.1}, tmp_path)
+    evaluation = checks(result)["validation"]
+    assert not evaluation.passed
+    assert evaluation.metadata["valid_fraction"].value < 0.9
+    assert "Train longer" in evaluation.description and "valid actions" in evaluation.description
+    mats = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert mats == {"sft_adapter"}  # blocking: rollout_trajectories did not run
+
+
+def test_trained_adapter_passes_on_held_out_demo_states(resources, tmp_path):
+    result = run(resources, {}, tmp_path)
+    evaluation = checks(result)["validation"]
+    assert evaluation.passed, evaluation.description
+    sft = result.output_for_node("sft_adapter")
+    records = read_jsonl(sft["validation_path"])
+    assert evaluation.metadata["states"].value == len(records) >= 4  # every step of every validation episode
+    seeds = {r["seed"] for r in records}
+    assert seeds and seeds <= set(validation_seeds(4)) and all(split_of(s) == "demo" and s >= VALIDATION_OFFSET for s in seeds)
+    assert not seeds & {r["seed"] for r in read_jsonl(sft["validation_path"].replace("validation", "demos"))}
+
+
+def test_validation_seeds_refuse_to_overlap_training_demos():
+    with pytest.raises(ValueError, match="overlap"):
+        validation_seeds(3, demo_seeds=[VALIDATION_OFFSET + 1])
