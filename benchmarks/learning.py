@@ -20,15 +20,17 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from dpo_assets.configs import DPOAdapterConfig, PairsConfig, SFTAdapterConfig
+from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, RolloutConfig, SFTAdapterConfig
 from dpo_assets.presets import preset
 from dpo_driver.demos import generate_demos
+from dpo_driver.eto import build_eto_pairs, expert_paths
 from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.model import bf16_is_native, resolve_model
 from dpo_driver.pairs import build_preference_pairs, pair_yield, to_dpo_records, to_kto_records
@@ -38,10 +40,11 @@ from dpo_driver.rollouts import run_episodes
 from dpo_driver.stats import decide, paired_bootstrap_diff
 from dpo_driver.tasks import SeedPlan, check_tasks
 from dpo_driver.tracking import package_versions
-from dpo_driver.training import DPOParams, SFTParams, load_policy, train_dpo, train_kto, train_sft
+from dpo_driver.training import DPOParams, SFTParams, init_adapter, load_policy, train_dpo, train_kto, train_sft
+from dpo_driver.validation import validate_policy, validation_seeds
 
 
-LOOP_STAGES = ("model", "demos", "sft", "eval:sft", "rollouts_r1:sft", "dpo_r1", "eval:dpo_r1")
+LOOP_STAGES = ("model", "demos", "sft", "sft_validation", "eval:sft", "rollouts_r1:sft", "dpo_r1", "eval:dpo_r1")
 
 
 class Clock:
@@ -107,12 +110,13 @@ def run(args) -> dict:
     # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
     sft_cfg = {**SFTAdapterConfig(**ops["sft_adapter"]).model_dump(exclude={"demos_path"}), "seed": args.seed}
     dpo_cfg = {**DPOAdapterConfig(**ops["dpo_adapter"]).model_dump(), "seed": args.seed}
-    roll_cfg, eval_cfg = ops["rollout_trajectories"], ops["evaluation_report"]
+    roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
+    eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
     pair_cfg = PairsConfig(**ops["preference_pairs"])  # the asset's own config class: same defaults
     pair_params, weights = pair_cfg.pair_params(), pair_cfg.score_weights()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo-learning-"))
     clock = Clock()
-    max_steps = roll_cfg.get("max_steps", 4)
+    max_steps = roll_cfg["max_steps"] or None  # None: each task's own step limit
 
     with clock.stage("model"):
         base = resolve_model(model_name)
@@ -120,6 +124,15 @@ def run(args) -> dict:
         demos = generate_demos(tasks, list(plan.demo))
     with clock.stage("sft"):
         sft = train_sft(base, demos, work / "sft", SFTParams(**sft_cfg))
+    with clock.stage("sft_validation"):
+        # The DAG's blocking SFT gate, on the same validation slice of the demo band; here it is reported, not enforced.
+        gate_cfg = ops.get("sft_adapter_validation", {})
+        val = validate_policy(LMPolicy(*load_policy(base, sft.adapter_dir)),
+                              generate_demos(tasks, validation_seeds(suite.get("validation_seeds", 10), plan.demo)))
+        passed, message = val.verdict(gate_cfg.get("min_valid_fraction", 0.8), gate_cfg.get("min_expert_match", 0.25))
+        sft_validation = {"passed": passed, "message": message, "valid_fraction": round(val.valid_fraction, 4),
+                          "expert_match": round(val.expert_match, 4), "states": val.num_states}
+        print(message, flush=True)
 
     current, current_name = sft.adapter_dir, "sft"
     rft_params = SFTParams(learning_rate=dpo_cfg.get("learning_rate", 5e-5), num_train_epochs=dpo_cfg.get("num_train_epochs", 1.0),
@@ -182,7 +195,35 @@ def run(args) -> dict:
             eval_eps["rft"] = rft_eps  # the control's last round, for the summary
         if promoted:
             current, current_name = dpo.adapter_dir, name
-    objective_arms = [a for a in arms if a not in ("rft", "none")]
+    if "eto" in arms and first_episodes is not None:
+        # ETO-style peer method on round 1's rollouts: the expert's action where the SFT policy failed.
+        with clock.stage("arm:eto"):
+            fails = {}
+            for e in first_episodes:
+                if not e["success"] and not e["env_error"]:
+                    fails.setdefault(e["task"], set()).add(int(e["seed"]))
+            eto = build_eto_pairs(first_episodes, expert_paths({t: sorted(v) for t, v in fails.items()}),
+                                  pair_params.max_pairs_per_prompt)
+            eto_stats = {"pairs": int(len(eto))}
+            if not eto.empty:
+                res = train_dpo(base, sft.adapter_dir, to_dpo_records(eto), work / "arm_eto", DPOParams(**dpo_cfg))
+        if not eto.empty:
+            evaluate("arm:eto", res.adapter_dir)
+    if "zero" in arms:
+        # Zero demos: the base model (an untrained LoRA) explores with every action the page offers;
+        # its successes become chosen and DPO trains from it against its frozen copy (the base).
+        zero = init_adapter(base, work / "zero_start", SFTParams(**sft_cfg))
+        base_eps = evaluate("base", zero)
+        m, tok = load_policy(base, zero)
+        zero_roll = _act(clock, "rollouts_zero:base", LMPolicy(m, tok), tasks, list(plan.rollout), roll_cfg["samples_per_seed"],
+                         replace(_sampling(roll_cfg, False), strategy="candidates"), max_steps)
+        zero_pairs = build_preference_pairs(zero_roll, pair_params, weights)
+        zero_stats = {"base_mean": round(float(np.mean([e["success"] for e in base_eps])), 4), **pair_yield(zero_roll, zero_pairs)}
+        if not zero_pairs.empty:
+            with clock.stage("dpo_zero"):
+                zres = train_dpo(base, zero, to_dpo_records(zero_pairs), work / "dpo_zero", DPOParams(**dpo_cfg))
+            evaluate("zero_dpo", zres.adapter_dir)
+    objective_arms = [a for a in arms if a not in ("rft", "none", "eto", "zero")]
     if objective_arms and first_pairs is not None and not first_pairs.empty:
         # Other preference objectives on round 1's rollouts, from the same SFT adapter and with DPO's
         # hyperparameters: TRL DPO losses on the same pairs, or KTO on unpaired success/failure steps.
@@ -225,6 +266,26 @@ def run(args) -> dict:
         d, lo, hi = _paired_diff(eval_eps["rft"], eval_eps[final], args.seed)
         out.update(dpo_minus_rft_points=round(100 * d, 1), dpo_minus_rft_ci_low_points=round(100 * lo, 1),
                    dpo_minus_rft_ci_high_points=round(100 * hi, 1), dpo_beats_rft=decide(d, lo, hi))
+    out["sft_validation"] = sft_validation
+    if "eto" in arms and first_episodes is not None:
+        out["eto"] = eto_stats
+        if "arm:eto" in eval_eps:
+            d, lo, hi = _paired_diff(eval_eps["arm:eto"], eval_eps[final], args.seed)
+            out["eto"].update(mean=round(float(np.mean([e["success"] for e in eval_eps["arm:eto"]])), 4),
+                              tasks=_per_task(eval_eps["arm:eto"], tasks), dpo_minus_eto_points=round(100 * d, 1),
+                              ci_points=[round(100 * lo, 1), round(100 * hi, 1)])
+    if "zero" in arms:
+        out["zero"] = zero_stats
+        if "zero_dpo" in eval_eps:
+            d, lo, hi = _paired_diff(eval_eps["base"], eval_eps["zero_dpo"], args.seed)
+            out["zero"].update(dpo_mean=round(float(np.mean([e["success"] for e in eval_eps["zero_dpo"]])), 4),
+                               tasks=_per_task(eval_eps["zero_dpo"], tasks), dpo_minus_base_points=round(100 * d, 1),
+                               ci_points=[round(100 * lo, 1), round(100 * hi, 1)])
+    # Per-episode success of every evaluated policy ("task:seed" -> 0/1, browser faults left out), so
+    # benchmarks/suites.py can pool paired differences over training seeds and suites.
+    named = {"sft": "sft", "dpo": final, "rft": "rft", "random": "random", "eto": "arm:eto", "base": "base", "zero_dpo": "zero_dpo"}
+    out["eval_success"] = {k: {f"{e['task']}:{e['seed']}": int(e["success"]) for e in eval_eps[v] if not e["env_error"]}
+                           for k, v in named.items() if v in eval_eps}
     for arm in objective_arms:
         eps = [e for e in eval_eps.get(f"arm:{arm}", []) if not e["env_error"]]
         if not eps:
@@ -271,6 +332,16 @@ def print_table(res: dict) -> None:
               f"vs previous {r['vs_previous_points']:+.1f} {r['ci_points']} -> {r['decision']}")
         if "rft_mean_success" in r:
             print(f"         RFT control {r['rft_mean_success']:.1%}; DPO - RFT {r['dpo_minus_rft_points']:+.1f} {r['dpo_minus_rft_ci_points']}")
+    if "sft_validation" in res:
+        v = res["sft_validation"]
+        print(f"SFT gate: {'pass' if v['passed'] else 'FAIL'} ({v['valid_fraction']:.0%} valid, {v['expert_match']:.0%} expert match, {v['states']} states)")
+    if res.get("eto", {}).get("mean") is not None:
+        e = res["eto"]
+        print(f"ETO arm (expert chosen, {e['pairs']} pairs): mean {e['mean']:.0%}; DPO - ETO {e['dpo_minus_eto_points']:+.1f} {e['ci_points']}")
+    if res.get("zero", {}).get("dpo_mean") is not None:
+        z = res["zero"]
+        print(f"zero-demo arm: base {z['base_mean']:.0%} -> DPO {z['dpo_mean']:.0%} ({z['pairs']} pairs); "
+              f"{z['dpo_minus_base_points']:+.1f} {z['ci_points']}")
     for arm, row in res.get("arms", {}).items():
         print(f"arm {arm}: mean {row['mean']:.0%}, minus SFT {row['minus_sft_points']:+.1f} points, "
               f"95% CI [{row['ci_points'][0]:+.1f}, {row['ci_points'][1]:+.1f}]")
@@ -284,7 +355,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="", help="override the preset's base model (preset name, path or HF id)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=1, help="on-policy rounds of rollouts -> pairs -> DPO")
-    ap.add_argument("--arms", default="rft", help="comma-separated arms on the same rollouts: rft (SFT on chosen), none, kto "
+    ap.add_argument("--arms", default="rft", help="comma-separated arms on the same rollouts: rft (SFT on chosen), none, eto "
+                    "(DPO on expert-chosen / policy-failed pairs), zero (DPO from the base model with zero demos, candidate "
+                    "exploration), kto "
                     "(unpaired success/failure steps of round 1), or a TRL DPO loss_type list joined by + (e.g. ipo, "
                     "sigmoid, sigmoid+sft) trained on round 1's pairs")
     ap.add_argument("--tasks", default="", help="override the preset's task suite (comma-separated MiniWoB++ task names)")

@@ -30,7 +30,8 @@ class RolloutConfig(dg.Config):
                           "page allows, each distinct one played out greedily, and later states of successes branched the same way; 'candidates': "
                           "'verbs' plus every action the page offers (each element clicked, each quoted task string typed)")
     max_new_tokens: int = Field(24, description="tokens generated per action")
-    max_steps: int = Field(4, description="steps before an episode is cut off as a failure")
+    max_steps: int = Field(0, description="steps before an episode is cut off as a failure; 0 = the task's own limit "
+                           "(dpo_driver.tasks.STEP_LIMITS: its expert's longest episode plus slack)")
     batch_size: int = Field(16, description="prompts per generate() call")
     seed: int = Field(0, description="sampling seed")
 
@@ -74,7 +75,8 @@ class DPOAdapterConfig(dg.Config):
 
 class EvaluationConfig(dg.Config):
     max_new_tokens: int = Field(24, description="tokens generated per action (greedy)")
-    max_steps: int = Field(4, description="steps before an episode is cut off as a failure")
+    max_steps: int = Field(0, description="steps before an episode is cut off as a failure; 0 = the task's own limit "
+                           "(dpo_driver.tasks.STEP_LIMITS: its expert's longest episode plus slack)")
     batch_size: int = Field(16, description="prompts per generate() call")
     confidence: float = Field(0.95, description="level of every reported interval")
     n_boot: int = Field(10000, description="paired bootstrap resamples for the DPO - SFT difference")

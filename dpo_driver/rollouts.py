@@ -16,6 +16,7 @@ from dpo_driver.actions import parse_action
 from dpo_driver.env import EnvCrashed, WebEnv
 from dpo_driver.observation import render_prompt
 from dpo_driver.policy import Sampling
+from dpo_driver.tasks import max_steps_for
 
 MAX_CONSECUTIVE_CRASHES = 3
 DEFAULT_NUM_ENVS = 8  # browsers stepped together in greedy evaluation (see lockstep.py)
@@ -105,7 +106,7 @@ def run_episodes(
     seeds: list[int],
     samples_per_seed: int,
     sampling: Sampling,
-    max_steps: int = 4,
+    max_steps: int | None = None,
     policy_name: str = "policy",
     chrome_binary: str | None = None,
     chromedriver: str | None = None,
@@ -113,6 +114,9 @@ def run_episodes(
     num_envs: int = DEFAULT_NUM_ENVS,
 ) -> list[dict]:
     """K episodes per (task, seed); returns one record per episode, steps included.
+
+    `max_steps` cuts every episode off after that many steps; None (or 0) = each task's own limit
+    (tasks.max_steps_for: the expert's longest episode plus slack).
 
     Greedy evaluation (temperature <= 0, one sample per seed) runs on `num_envs` browsers in
     lockstep, one batched generate per step (see lockstep.py): the same records, faster.
@@ -129,7 +133,8 @@ def run_episodes(
     if num_envs and sampling.temperature <= 0 and samples_per_seed == 1:
         from dpo_driver.lockstep import run_lockstep  # imported here: lockstep builds on this module's _play
 
-        return run_lockstep(policy, tasks, seeds, sampling, max_steps, policy_name, chrome_binary, chromedriver, on_progress, num_envs)
+        return [ep for task in tasks for ep in run_lockstep(policy, [task], seeds, sampling, max_steps or max_steps_for(task), policy_name,
+                                                            chrome_binary, chromedriver, on_progress, num_envs)]
     branching = sampling.explores
     after_first = replace(sampling, temperature=0.0, strategy="sample") if branching else sampling
     episodes: list[dict] = []
@@ -139,10 +144,12 @@ def run_episodes(
         with WebEnv(task, chrome_binary, chromedriver) as env:
             crashes = 0
 
+            task_steps = max_steps or max_steps_for(task)
+
             def play(spec: EpisodeSpec, forced: list[str], **extra) -> dict:
                 nonlocal crashes
                 try:
-                    ep = _play(env, policy, spec, forced, after_first, max_steps, policy_name, **extra)
+                    ep = _play(env, policy, spec, forced, after_first, task_steps, policy_name, **extra)
                     crashes = 0
                 except EnvCrashed as e:
                     crashes += 1

@@ -223,6 +223,26 @@ def _train_in_scratch(build: Callable[[Path], object], records: list[dict], outp
         return _run(build(Path(scratch)), records, output_dir)
 
 
+def init_adapter(base_model: str, output_dir: Path, params: SFTParams) -> Path:
+    """A fresh, untrained LoRA adapter on `base_model` (LoRA B starts at zero, so the policy *is* the
+    base model): the start, and the frozen reference, of preference training with zero demos."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = _load_base(base_model, params)
+    lora = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                      target_modules=params.target_modules, task_type="CAUSAL_LM")
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.partial-"))
+    try:
+        get_peft_model(model, lora).save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        _replace_dir(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
 def _trainable_start(base_model: str, adapter_dir: Path, params: DPOParams):
     """base + the start adapter, trainable: the policy a preference trainer updates."""
     from peft import PeftModel

@@ -231,3 +231,16 @@ def test_the_step_floor_is_what_training_runs(tmp_path):
     params = replace(SFT, min_steps=8)
     result = train_sft("tiny-random", SFT_RECORDS[:8], tmp_path / "sft", params)
     assert result.metrics["global_step"] == 8  # 2 epochs x 2 steps would be 4
+
+
+def test_init_adapter_is_the_base_model_and_dpo_can_start_from_it(tmp_path):
+    from dpo_driver.training import init_adapter
+
+    start = init_adapter("tiny-random", tmp_path / "zero", SFT)
+    base, tok = load_policy("tiny-random")
+    zero, _ = load_policy("tiny-random", start)
+    batch = tok(["click button \"ok\""], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(base(**batch).logits, zero(**batch).logits)  # LoRA B = 0: the policy is the base
+    result = train_dpo("tiny-random", start, DPO_RECORDS, tmp_path / "dpo", DPO)
+    assert result.metrics["rewards/margins"] > 0

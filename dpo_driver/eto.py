@@ -1,0 +1,61 @@
+"""ETO-style pairs (Song et al., 2024, "Trial and Error"): the expert's action at a state the policy
+failed from is chosen, the policy's action there is rejected.
+
+A peer method for the benchmark: on the same rollouts, does pairing the policy's own successes with
+its failures (dpo_driver.pairs) teach more than pairing an expert's action with its failures?
+ETO needs an expert on the rollout seeds; environment-feedback pairs need none.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pandas as pd
+
+from dpo_driver.actions import parse_action
+from dpo_driver.demos import play_expert
+from dpo_driver.env import WebEnv
+from dpo_driver.pairs import PAIR_COLUMNS, _training_episodes, pair_id
+from dpo_driver.tasks import max_steps_for
+
+
+def expert_paths(tasks_seeds: dict[str, list[int]], chrome_binary: str | None = None, chromedriver: str | None = None) -> dict:
+    """{(task, seed): {state prompt: expert action}} along the expert's solved episode of each seed."""
+    paths = {}
+    for task, seeds in tasks_seeds.items():
+        with WebEnv(task, chrome_binary, chromedriver) as env:
+            for seed in seeds:
+                ep = play_expert(env, seed, max_steps_for(task))
+                if ep.solved:
+                    paths[(task, seed)] = {r["prompt"][0]["content"]: r["completion"][0]["content"] for r in ep.records}
+    return paths
+
+
+def build_eto_pairs(episodes: list[dict], paths: dict, max_pairs_per_prompt: int = 2) -> pd.DataFrame:
+    """One pair per failed episode, at its first step on the expert's path where it left that path.
+
+    A failed episode that drifted off the expert's path without a different action at a shared
+    state (which cannot happen on deterministic pages) gives no pair; rejected must parse, as in
+    the environment-feedback pairs, so both methods train on well-formed rejections only.
+    """
+    rows, taken = {}, defaultdict(int)
+    for ep in sorted(_training_episodes(episodes), key=lambda e: (e["task"], e["seed"], e["sample"])):
+        path = paths.get((ep["task"], int(ep["seed"])))
+        if ep["success"] or path is None:
+            continue
+        for st in ep["steps"]:
+            expert = path.get(st["prompt"])
+            if expert is None:
+                break
+            out = st["output"].strip()
+            if out == expert:
+                continue
+            if parse_action(out) is not None and taken[st["prompt"]] < max_pairs_per_prompt:
+                pid = pair_id(st["prompt"], expert, out)
+                if pid not in rows:
+                    taken[st["prompt"]] += 1
+                    rows[pid] = {"pair_id": pid, "task": ep["task"], "seed": int(ep["seed"]), "step": int(st["step"]),
+                                 "prompt": st["prompt"], "chosen": expert, "rejected": out, "chosen_score": 1.0,
+                                 "rejected_score": 0.0, "margin": 1.0, "chosen_episode": "expert", "rejected_episode": ep["episode_id"]}
+            break
+    return pd.DataFrame(list(rows.values()), columns=PAIR_COLUMNS)
