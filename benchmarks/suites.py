@@ -1,0 +1,171 @@
+"""Multi-suite protocol: does the loop learn on suites it was never tuned on?
+
+Runs benchmarks/learning.py's whole loop per (suite, training seed) with one preset, adds each
+result to one JSON file (so the protocol can run suite by suite, no command longer than an hour
+here), and prints one table over everything in that file: per suite SFT, DPO, RFT, ETO and random
+mean success; DPO - SFT, DPO - RFT and DPO - ETO with paired 95% intervals pooled over training
+seeds; pairs, yield, wall time; then DPO - RFT pooled over all suites.
+
+Suites: `default` (the preset's), `full` (every supported task), and `random:K` — K disjoint random
+subsets of 2-6 supported tasks drawn by `--draw-seed` (a suite nobody picked).
+
+    python benchmarks/suites.py --suites default,random:3 --draw-seed 7 --train-seeds 0,1 --eval-offset 5000
+    python benchmarks/suites.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: `benchmarks` is not installed
+from benchmarks import learning  # noqa: E402
+from dpo_assets.presets import preset  # noqa: E402
+from dpo_driver.io import atomic_write_text  # noqa: E402
+from dpo_driver.stats import paired_bootstrap_diff  # noqa: E402
+from dpo_driver.tasks import SUPPORTED_TASKS  # noqa: E402
+
+RESULTS = Path("benchmarks/results/suites.json")
+
+
+def draw_suites(k: int, draw_seed: int, tasks: tuple[str, ...] = SUPPORTED_TASKS, sizes: tuple[int, int] = (2, 6)) -> list[list[str]]:
+    """K disjoint random subsets of `tasks`, each of 2-6 tasks, fixed by `draw_seed`."""
+    rng = random.Random(draw_seed)
+    pool = list(tasks)
+    rng.shuffle(pool)
+    suites = []
+    for _ in range(k):
+        size = rng.randint(*sizes)
+        if len(pool) < sizes[0]:
+            break
+        suites.append(sorted(pool[:size]))
+        pool = pool[size:]
+    return suites
+
+
+def resolve_suites(spec: str, preset_name: str, draw_seed: int) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part == "default":
+            out["default"] = list(preset(preset_name)["resources"]["task_suite"]["config"]["tasks"])
+        elif part == "full":
+            out["full"] = list(SUPPORTED_TASKS)
+        elif part.startswith("random:"):
+            for i, tasks in enumerate(draw_suites(int(part.split(":")[1]), draw_seed)):
+                out[f"random{draw_seed}-{i}"] = tasks
+        else:
+            raise ValueError(f"unknown suite {part!r}: use default, full or random:K")
+    return out
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def pooled_diff(runs: list[dict], candidate: str, baseline: str, seed: int = 0) -> tuple[float, float, float, int] | None:
+    """Candidate - baseline success over every (run, task, eval seed) both evaluated, with a paired
+    bootstrap interval stratified by run and task; None when no run has both."""
+    a, b, strata = [], [], []
+    for r in runs:
+        s = r.get("eval_success", {})
+        if candidate not in s or baseline not in s:
+            continue
+        for key in sorted(s[candidate].keys() & s[baseline].keys()):
+            a.append(s[baseline][key])
+            b.append(s[candidate][key])
+            strata.append(f"{r['suite']}:{r['seed']}:{key.split(':')[0]}")
+    if not a:
+        return None
+    d, lo, hi = paired_bootstrap_diff(np.array(a, float), np.array(b, float), strata=strata, seed=seed)
+    return 100 * d, 100 * lo, 100 * hi, len(a)
+
+
+def _mean(runs: list[dict], policy: str) -> float | None:
+    vals = [v for r in runs for v in r.get("eval_success", {}).get(policy, {}).values()]
+    return 100 * float(np.mean(vals)) if vals else None
+
+
+def table(results: dict) -> tuple[list[dict], str]:
+    by_suite: dict[str, list[dict]] = {}
+    for r in results["runs"]:
+        by_suite.setdefault(r["suite"], []).append(r)
+    rows, lines = [], []
+    head = (f"{'suite':<16}{'tasks':>6}{'seeds':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'ETO':>6}{'rand':>6}"
+            f"{'DPO-SFT [95% CI]':>22}{'DPO-RFT [95% CI]':>22}{'DPO-ETO [95% CI]':>22}{'pairs':>7}{'yield':>7}{'wall s':>8}")
+    lines.append(head)
+
+    def fmt(d):
+        return f"{d[0]:+.1f} [{d[1]:+.1f},{d[2]:+.1f}]" if d else "-"
+
+    def pct(x):
+        return f"{x:.0f}" if x is not None else "-"
+
+    for suite, runs in by_suite.items():
+        row = {"suite": suite, "tasks": runs[0]["tasks"], "train_seeds": [r["seed"] for r in runs],
+               **{p: _mean(runs, p) for p in ("sft", "dpo", "rft", "eto", "random", "base", "zero_dpo")},
+               "dpo_minus_sft": pooled_diff(runs, "dpo", "sft"), "dpo_minus_rft": pooled_diff(runs, "dpo", "rft"),
+               "dpo_minus_eto": pooled_diff(runs, "dpo", "eto"), "zero_minus_base": pooled_diff(runs, "zero_dpo", "base"),
+               "pairs": [r.get("pairs") for r in runs], "pair_yield": [r.get("pair_yield") for r in runs],
+               "wall_seconds": [r["wall_seconds"]["total"] for r in runs],
+               "sft_gate": [r.get("sft_validation", {}).get("passed") for r in runs]}
+        rows.append(row)
+        lines.append(f"{suite:<16}{len(row['tasks']):>6}{len(runs):>6}{pct(row['sft']):>6}{pct(row['dpo']):>6}{pct(row['rft']):>6}"
+                     f"{pct(row['eto']):>6}{pct(row['random']):>6}{fmt(row['dpo_minus_sft']):>22}{fmt(row['dpo_minus_rft']):>22}"
+                     f"{fmt(row['dpo_minus_eto']):>22}{'/'.join(str(p) for p in row['pairs']):>7}"
+                     f"{'/'.join(f'{y:.2f}' for y in row['pair_yield'] if y is not None):>7}{sum(row['wall_seconds']):>8.0f}")
+    for suite, runs in by_suite.items():
+        lines.append(f"  {suite}: {', '.join(runs[0]['tasks'])}")
+        z = pooled_diff(runs, "zero_dpo", "base")
+        if z:
+            lines.append(f"  {suite} zero-demo arm: base {pct(_mean(runs, 'base'))}% -> DPO {pct(_mean(runs, 'zero_dpo'))}%, {fmt(z)}")
+    all_runs = results["runs"]
+    pooled = {"dpo_minus_rft": pooled_diff(all_runs, "dpo", "rft"), "dpo_minus_eto": pooled_diff(all_runs, "dpo", "eto"),
+              "dpo_minus_sft": pooled_diff(all_runs, "dpo", "sft")}
+    lines.append("pooled over all suites: " + ", ".join(f"{k.replace('_minus_', ' - ').upper()} {fmt(v)} (n={v[3]})"
+                                                       for k, v in pooled.items() if v))
+    return rows, "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suites", default="default", help="comma-separated: default, full, random:K")
+    ap.add_argument("--draw-seed", type=int, default=0, help="seed that draws the random suites")
+    ap.add_argument("--train-seeds", default="0,1", help="training seeds per suite")
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--arms", default="rft,eto", help="learning.py arms per run (rft, eto, zero, ...)")
+    ap.add_argument("--eval-offset", type=int, default=0, help="held-out seeds start this far into the eval band")
+    ap.add_argument("--eval-seeds", type=int, default=0, help="override held-out seeds per task")
+    ap.add_argument("--json", default=str(RESULTS), help="results file; each run is added (same suite+seed replaced)")
+    ap.add_argument("--table-only", action="store_true", help="print the table of the results file and exit")
+    args = ap.parse_args(argv)
+    path = Path(args.json)
+    if not args.table_only:
+        for suite, tasks in resolve_suites(args.suites, args.preset, args.draw_seed).items():
+            for seed in [int(s) for s in args.train_seeds.split(",") if s.strip()]:
+                t0 = time.time()
+                print(f"\n=== suite {suite} ({', '.join(tasks)}), training seed {seed} ===", flush=True)
+                res = learning.main(["--preset", args.preset, "--seed", str(seed), "--tasks", ",".join(tasks), "--arms", args.arms,
+                                     "--eval-offset", str(args.eval_offset), "--eval-seeds", str(args.eval_seeds)])
+                res.pop("report_markdown", None)
+                res.update(suite=suite, tasks=tasks, suites_command=" ".join(shlex.quote(a) for a in sys.argv),
+                           suite_wall_seconds=round(time.time() - t0, 1))
+                results = _load(path)  # re-read: another process may have added runs meanwhile
+                results["runs"] = [r for r in results["runs"] if (r["suite"], r["seed"], r.get("eval_offset_used")) !=
+                                   (suite, seed, args.eval_offset)] + [{**res, "eval_offset_used": args.eval_offset}]
+                results["commands"] = sorted(set(results.get("commands", [])) | {res["suites_command"]})
+                atomic_write_text(path, json.dumps(results, indent=1) + "\n")
+    results = _load(path)
+    rows, text = table(results)
+    print("\n" + text)
+    return {"rows": rows, "text": text}
+
+
+if __name__ == "__main__":
+    main()

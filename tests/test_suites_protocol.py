@@ -1,0 +1,41 @@
+"""The multi-suite protocol's pure parts: suites drawn by a seed, and intervals pooled over runs."""
+
+import pytest
+
+from benchmarks.suites import draw_suites, pooled_diff, resolve_suites, table
+
+TASKS = tuple(f"t{i}" for i in range(20))
+
+
+def test_random_suites_are_disjoint_sized_2_to_6_and_fixed_by_the_draw_seed():
+    suites = draw_suites(3, 7, TASKS)
+    assert len(suites) == 3 and all(2 <= len(s) <= 6 for s in suites)
+    flat = [t for s in suites for t in s]
+    assert len(flat) == len(set(flat))  # disjoint
+    assert draw_suites(3, 7, TASKS) == suites and draw_suites(3, 8, TASKS) != suites
+
+
+def test_draw_stops_when_the_pool_runs_out():
+    assert sum(len(s) for s in draw_suites(50, 1, TASKS[:9])) <= 9
+
+
+def test_unknown_suite_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown suite"):
+        resolve_suites("everything", "default", 0)
+
+
+def run(suite, seed, sft, dpo, rft):
+    keys = [f"a:{i}" for i in range(len(sft))]
+    return {"suite": suite, "seed": seed, "tasks": ["a"], "pairs": 10, "pair_yield": 0.5, "wall_seconds": {"total": 1.0},
+            "eval_success": {"sft": dict(zip(keys, sft)), "dpo": dict(zip(keys, dpo)), "rft": dict(zip(keys, rft))}}
+
+
+def test_pooled_difference_pairs_episodes_across_training_seeds():
+    runs = [run("s", 0, [0] * 10, [1] * 10, [1] * 5 + [0] * 5), run("s", 1, [0] * 10, [1] * 5 + [0] * 5, [0] * 10)]
+    d, lo, hi, n = pooled_diff(runs, "dpo", "sft")
+    assert n == 20 and d == pytest.approx(75.0) and lo > 0
+    d, lo, hi, n = pooled_diff(runs, "dpo", "rft")
+    assert d == pytest.approx(50.0) and lo <= d <= hi
+    assert pooled_diff(runs, "dpo", "eto") is None  # no run evaluated that arm
+    rows, text = table({"runs": runs})
+    assert rows[0]["sft"] == 0 and rows[0]["dpo"] == 75 and "pooled over all suites" in text
