@@ -6,7 +6,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from dpo_driver.actions import TEXT_KINDS, VERBS, candidate_actions
+from dpo_driver.actions import candidate_actions, verbs_for
 from dpo_driver.observation import Observation
 
 
@@ -139,8 +139,8 @@ class LMPolicy:
 
 
 def _verbs(obs: Observation) -> tuple[str, ...]:
-    """The verbs that can act on this page: `type` only where a text field is listed."""
-    return VERBS if any(e.kind in TEXT_KINDS for e in obs.elements) else ("click",)
+    """The verbs that can act on this page (actions.verbs_for): `type` needs a text field, `select` an option."""
+    return verbs_for(obs.elements)
 
 
 def with_candidates(obs: Observation) -> list[str]:
@@ -157,7 +157,7 @@ def first_line(text: str) -> str:
 
 @dataclass
 class RandomPolicy:
-    """Clicks (or types into) a uniformly random listed element: the chance baseline."""
+    """A uniformly random action among those the page offers (actions.candidate_actions): the chance baseline."""
 
     stats: GenerationStats = field(default_factory=GenerationStats)
 
@@ -165,16 +165,6 @@ class RandomPolicy:
         rng = random.Random(seed)
         outs = []
         for obs in observations:
-            answers = []
-            for _ in range(num_samples):
-                if not obs.elements:
-                    answers.append("")
-                    continue
-                e = rng.choice(obs.elements)
-                if e.kind in ("textbox", "textarea"):
-                    quoted = obs.utterance.split('"')[1::2]
-                    answers.append(f'type {e.kind} "{quoted[0] if quoted else "text"}"')
-                else:
-                    answers.append(f'click {e.kind} "{e.text}"')
-            outs.append(answers)
+            actions = with_candidates(obs)
+            outs.append([rng.choice(actions) if actions else "" for _ in range(num_samples)])
         return outs
