@@ -82,16 +82,16 @@ def _fold(s: str) -> str:
 
 
 def candidate_actions(utterance: str, elements: list[Element] | tuple[Element, ...]) -> list[Action]:
-    """Every action a state offers, in page order: `click` on each listed element, `select` of
-    each option, and `type` of each quoted string of the task into each text field (typing
+    """Every action a state offers, in page order: `click` on each listed element but options,
+    `select` of each option, and `type` of each quoted string of the task into each text field (typing
     needs a text; the task's quoted strings are the only ones a page hints at). Elements listed
     with an ordinal are named with it. Exploration plays these where sampling finds no
     success; the list never depends on which task the page belongs to."""
     quoted = [q for q in utterance.split('"')[1::2] if q and "\n" not in q] or [""]
     out: list[Action] = []
     for e in elements:
-        if e.kind in TEXT_KINDS:
-            out += [Action("type", e.kind, q, e.nth) for q in quoted]
+        if e.kind in TEXT_KINDS:  # clicking a field focuses it: the answer of focus-text, click-widget
+            out += [Action("click", e.kind, e.text, e.nth)] + [Action("type", e.kind, q, e.nth) for q in quoted]
         elif e.kind in SELECT_KINDS:
             out.append(Action("select", e.kind, e.text, e.nth))
         else:

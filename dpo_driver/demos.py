@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo_driver.actions import parse_action
+from dpo_driver.actions import Action, parse_action
 from dpo_driver.env import WebEnv
 from dpo_driver.experts import expert_action
-from dpo_driver.observation import render_prompt
+from dpo_driver.observation import Observation, render_prompt
 from dpo_driver.tasks import check_tasks, max_steps_for, split_of
 
 
@@ -31,6 +31,7 @@ class ExpertEpisode:
     records: list[dict]  # one SFT record per step taken
     solved: bool
     failure: str = ""  # why an unsolved episode failed
+    steps: list[tuple[Observation, Action]] = field(default_factory=list)  # what the expert saw and did
 
 
 def play_expert(env: WebEnv, seed: int, max_steps: int) -> ExpertEpisode:
@@ -38,20 +39,21 @@ def play_expert(env: WebEnv, seed: int, max_steps: int) -> ExpertEpisode:
     task = env.task
     obs, fields = env.reset(seed)
     history: list[str] = []
-    records = []
+    records, steps = [], []
     for step in range(max_steps):
         try:
             action = expert_action(task, fields, obs, history)
         except ValueError as e:  # the expert found no way on this page: an unsolved episode
-            return ExpertEpisode(records, False, f"step {step}: {e}")
+            return ExpertEpisode(records, False, f"step {step}: {e}", steps)
         records.append(sft_record(render_prompt(obs, history), action.render(), task=task, seed=seed, step=step))
+        steps.append((obs, action))
         result = env.step(action)
         history.append(action.render())
         if result.done:
             solved = result.raw_reward >= 1.0
-            return ExpertEpisode(records, solved, "" if solved else f"step {step}: {action.render()} ended with reward {result.raw_reward}")
+            return ExpertEpisode(records, solved, "" if solved else f"step {step}: {action.render()} ended with reward {result.raw_reward}", steps)
         obs = result.observation
-    return ExpertEpisode(records, False, f"not done after {max_steps} steps")
+    return ExpertEpisode(records, False, f"not done after {max_steps} steps", steps)
 
 
 def generate_demos(

@@ -48,10 +48,6 @@ def _click_text(obs: Observation, kind: str, text: str) -> Action:
     return _named(e)
 
 
-def _ordinal(word: str) -> int:
-    return int(re.match(r"\d+", word).group())
-
-
 def _targets(fields: dict[str, str]) -> list[str]:
     return [v for k, v in fields.items() if k.startswith("target ")]
 
@@ -73,9 +69,9 @@ def _click_widget(fields, obs, history):
     return Action("click", kind, first.text)
 
 
-def _type_then_submit(text_of: Callable[[dict[str, str]], str], button: str = "Submit") -> Expert:
+def _type_then_submit(text_of: Callable[[dict[str, str]], str]) -> Expert:
     def expert(fields, obs, history):
-        return _sequence([lambda: Action("type", "textbox", text_of(fields)), lambda: Action("click", "button", button)], history)
+        return _sequence([lambda: Action("type", "textbox", text_of(fields)), lambda: Action("click", "button", "Submit")], history)
     return expert
 
 
@@ -228,7 +224,8 @@ EXPERTS: dict[str, Expert] = {
     "enter-text-dynamic": _type_then_submit(lambda f: f["target"]),
     "enter-text-2": _type_then_submit(lambda f: f["text"].upper() if f["case"] == "upper" else f["text"].lower()),
     "enter-date": _type_then_submit(lambda f: f["target"]),
-    "enter-time": _type_then_submit(lambda f: f["target"]),
+    # Chrome's time field waits for a second hour digit after a lone "1" (10-12?): pad it
+    "enter-time": _type_then_submit(lambda f: f["target"].zfill(len("00:00PM"))),
     "enter-password": _enter_password,
     "click-option": lambda f, o, h: Action("click", "radio", f["target"]) if not h else Action("click", "button", "Submit"),
     "click-test": lambda f, o, h: _named(next(e for e in o.elements if e.kind == "button")),
