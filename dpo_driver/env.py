@@ -9,6 +9,7 @@ from typing import Any
 
 from dpo_driver.actions import Action, resolve_target
 from dpo_driver.observation import Observation, parse_observation
+from dpo_driver.procs import browser_pids, kill_tree
 from dpo_driver.tasks import FROZEN_LISTING_TASKS
 
 # A closed <select> hides its options from MiniWoB's DOM dump (they have no layout box): read
@@ -86,6 +87,7 @@ class WebEnv:
         os.environ["MINIWOB_CHROMEDRIVER"] = driver
         self.task = task
         self._env = None
+        self._pids: list[int] = []  # chromedriver + Chromium, killed with their descendants on close/crash
         self.raw: dict[str, Any] | None = None
         self.observation: Observation | None = None
 
@@ -100,6 +102,7 @@ class WebEnv:
         try:
             if self._env is None:
                 self._env = self._make()
+                self._pids = browser_pids(self._driver())  # while the driver lives: it may not later
             raw, _ = self._env.reset(seed=seed)
             self._driver().execute_script(_NO_DELAYS_JS)
             self._observe(raw)
@@ -156,11 +159,13 @@ class WebEnv:
 
     def _discard(self):
         env, self._env = self._env, None
+        pids, self._pids = self._pids, []
         if env is not None:
             try:
                 env.close()
-            except Exception:  # a dead browser cannot be closed cleanly; it is gone either way
+            except Exception:  # a dead driver cannot close its browser: the process kill below does
                 pass
+        kill_tree(pids)  # whatever quit() left behind, e.g. Chromium orphaned by a killed chromedriver
 
     def close(self):
         self._discard()

@@ -35,3 +35,44 @@ def test_a_browser_that_keeps_crashing_stops_the_run(monkeypatch):
     monkeypatch.setattr(WebEnv, "step", always_crash)
     with pytest.raises(EnvCrashed, match="crashed 3 times in a row"):
         rollouts.run_episodes(RandomPolicy(), ["click-button"], seeds_for("rollout", 4), 1, Sampling(), max_steps=2)
+
+
+def _alive(procs) -> list:
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_a_killed_driver_leaves_no_browser_behind():
+    """chromedriver killed under a live page: its Chromium (and renderers) must not outlive the env."""
+    import psutil
+
+    env = WebEnv("click-button")
+    env.reset(seeds_for("rollout", 1)[0])
+    driver_pid = env._driver().service.process.pid
+    chrome = [psutil.Process(p) for p in env._pids if p != driver_pid]
+    assert chrome and all("chrom" in p.name().lower() for p in chrome)
+    tree = chrome + [c for p in chrome for c in p.children(recursive=True)]
+    assert len(_alive(tree)) >= 2  # the browser and at least one of its helpers
+    env._driver().service.process.kill()
+    with pytest.raises(EnvCrashed):
+        env.reset(seeds_for("rollout", 1)[0])
+    assert _alive(tree) == []
+    env.close()
+
+
+def test_close_ends_the_browser_tree():
+    import psutil
+
+    with WebEnv("click-button") as env:
+        env.reset(seeds_for("rollout", 1)[0])
+        tree = [psutil.Process(p) for p in env._pids]
+        tree += [c for p in tree for c in p.children(recursive=True)]
+    assert _alive(tree) == []
