@@ -13,7 +13,8 @@ from pydantic import Field
 
 from dpo_driver.io import read_jsonl
 from dpo_driver.policy import LMPolicy
-from dpo_driver.quality import GateResult, PairGateThresholds, check_eval_seeds_disjoint, run_pair_gates, run_trajectory_gates
+from dpo_driver.quality import (GateResult, PairGateThresholds, check_eval_seeds_disjoint, repeated_page_tasks, run_pair_gates,
+                                run_trajectory_gates)
 from dpo_driver.rollouts import first_prompts
 from dpo_driver.validation import validate_policy
 from resources import MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
@@ -33,7 +34,11 @@ class PairGateConfig(dg.Config):
     min_decontamination_score: float = Field(1.0, description="fraction of pairs that must be clean; eval seeds always fail")
     # click-tab pages are "Tab #k of n" lists: every held-out page also occurs among training
     # seeds word for word, so text overlap cannot separate splits there; the seed gate still applies.
-    ngram_exempt_tasks: list[str] = Field(["click-tab"], description="tasks whose observation space is too small for text decontamination")
+    ngram_exempt_tasks: list[str] = Field([], description="tasks exempt from text decontamination besides those found automatically "
+                                          "(min_distinct_eval_pages); the seed check applies to every task")
+    min_distinct_eval_pages: float = Field(1.0, description="a task whose held-out pages are less than this fraction distinct (1.0: "
+                                           "any page shown on two held-out seeds) repeats its pages across seeds: text overlap cannot "
+                                           "separate splits there, so it is exempt")
     max_prompt_chars: int = Field(4000, description="length gate on prompts (chars; the trainer enforces tokens)")
     max_completion_chars: int = Field(200, description="length gate on chosen/rejected (chars)")
     require_rejected_parses: bool = Field(True, description="every rejected completion must parse as an action")
@@ -97,11 +102,12 @@ def preference_pairs_gates(
 ):
     tasks, plan = task_suite.task_list(), task_suite.plan()
     chrome, driver = web_env.browser()
-    text_tasks = [t for t in tasks if t not in config.ngram_exempt_tasks]
-    eval_prompts = list(first_prompts(text_tasks, list(plan.eval), chrome, driver).values())
-    gates = run_pair_gates(preference_pairs, PairGateThresholds(**config.model_dump(exclude={"ngram_exempt_tasks"})),
+    prompts = first_prompts(tasks, list(plan.eval), chrome, driver)
+    exempt = sorted(set(repeated_page_tasks(prompts, config.min_distinct_eval_pages)) | (set(config.ngram_exempt_tasks) & set(tasks)))
+    eval_prompts = [p for (t, _), p in prompts.items() if t not in exempt]
+    gates = run_pair_gates(preference_pairs, PairGateThresholds(**config.model_dump(exclude={"ngram_exempt_tasks", "min_distinct_eval_pages"})),
                            {t: list(plan.eval) for t in tasks}, eval_prompts)
-    gates["decontamination"].metadata["ngram_exempt_tasks"] = [t for t in tasks if t in config.ngram_exempt_tasks]
+    gates["decontamination"].metadata["ngram_exempt_tasks"] = exempt
     _log_to_mlflow(context, tracker, "preference_pairs", gates)
     for name in PAIR_GATES:
         yield _check_result("preference_pairs", name, gates[name])

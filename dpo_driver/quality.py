@@ -106,13 +106,16 @@ def run_pair_gates(
     pairs: pd.DataFrame,
     thresholds: PairGateThresholds,
     eval_seeds: dict[str, list[int]],
-    eval_prompts: list[str],
+    eval_prompts: list[str] | None,
 ) -> dict[str, GateResult]:
-    """The count, margin, decontamination, format and duplicates gates on preference pairs."""
+    """The count, margin, decontamination, format and duplicates gates on preference pairs.
+
+    `eval_prompts` is the held-out pages' text for the n-gram check; `[]` says on purpose that no
+    task's pages can be told apart by text (every task exempt), leaving the seed check alone."""
     _require_frame(pairs, "pairs")
-    # Empty eval context would make decontamination pass vacuously: a result that checked nothing.
-    if not any(eval_seeds.values()) or not eval_prompts:
-        raise ValueError("eval_seeds and eval_prompts must be non-empty: pass the held-out seeds per task "
+    # Missing eval context would make decontamination pass vacuously: a result that checked nothing.
+    if not any(eval_seeds.values()) or eval_prompts is None:
+        raise ValueError("eval_seeds must be non-empty and eval_prompts given: pass the held-out seeds per task "
                          "and the first-observation prompts of the evaluation episodes")
     view = _pair_view(pairs, thresholds, eval_seeds, eval_prompts)
     runner = _Runner(view)  # one context and batch shared by the five gates: contexts cost
@@ -239,6 +242,17 @@ def check_eval_seeds_disjoint(eval_seeds: dict[str, list[int]], train_seeds: dic
 
 
 # --- derived columns ---------------------------------------------------------------------------
+
+def repeated_page_tasks(prompts: dict[tuple[str, int], str], min_distinct: float) -> list[str]:
+    """Tasks whose held-out pages repeat: fewer than `min_distinct` of their eval-seed prompts are
+    distinct (click-test shows one page on every seed, click-tab a handful). Text overlap cannot
+    separate splits there: every held-out page also occurs among training seeds word for word, so
+    only the seed check applies to them. Decided from the pages themselves, for any task."""
+    by_task: dict[str, list[str]] = {}
+    for (task, _), p in prompts.items():
+        by_task.setdefault(task, []).append(p)
+    return sorted(t for t, ps in by_task.items() if len(set(ps)) < min_distinct * len(ps))
+
 
 def _pair_view(pairs: pd.DataFrame, t: PairGateThresholds, eval_seeds, eval_prompts) -> pd.DataFrame:
     """The pairs plus the derived columns GE checks; a missing source column leaves its derived

@@ -189,8 +189,20 @@ def test_bad_inputs_raise_naming_them():
         PairGateThresholds(max_ngram_overlap=1.5)
     with pytest.raises(TypeError, match="pairs: expected a pandas DataFrame"):
         run_pair_gates(GOOD, SMALL, EVAL_SEEDS, EVAL_PROMPTS)
-    with pytest.raises(ValueError, match="eval_prompts must be non-empty"):
-        run_pair_gates(frame(*GOOD), SMALL, EVAL_SEEDS, [])
+    with pytest.raises(ValueError, match="eval_prompts given"):
+        run_pair_gates(frame(*GOOD), SMALL, EVAL_SEEDS, None)
+    with pytest.raises(ValueError, match="eval_seeds must be non-empty"):
+        run_pair_gates(frame(*GOOD), SMALL, {}, EVAL_PROMPTS)
+
+
+def test_tasks_whose_held_out_pages_repeat_are_found_from_the_pages():
+    from dpo_driver.quality import repeated_page_tasks
+
+    prompts = {("click-test", s): "Task: Click the button." for s in range(10)}
+    prompts |= {("click-tab", s): f"Tab #{s % 3}" for s in range(10)}
+    prompts |= {("click-link", s): f"link {s}" for s in range(10)}
+    assert repeated_page_tasks(prompts, 0.5) == ["click-tab", "click-test"]
+    assert repeated_page_tasks(prompts, 0.05) == []
 
 
 # --- rollout trajectories --------------------------------------------------------------------
