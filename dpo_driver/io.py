@@ -62,3 +62,28 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def dpo_home() -> Path:
+    """The pipeline's local state folder (MLflow db, artifacts, audit log): $DPO_HOME, else ./.dpo_home.
+
+    Here, not in resources/, so the Dagster-free modules (registry CLI, audit log) share the rule."""
+    return Path(os.environ.get("DPO_HOME") or Path.cwd() / ".dpo_home").resolve()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[int]:
+    """Hold an exclusive fcntl lock on `path` (created if missing) for the block; yields the fd.
+
+    Advisory and per open file: every process that cooperates takes the same lock file. The
+    kernel drops it when the process dies, so a killed holder never leaves it stuck."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # closing the last fd on the file releases the lock

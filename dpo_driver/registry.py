@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlparse
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from dpo_driver.io import dpo_home
 from dpo_driver.tracking import Tracker
 
 MODEL_NAME = "dpo-driver-policy"
@@ -197,8 +198,7 @@ def tracker_from_env() -> Tracker:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return Tracker(uri)
-    # Same rule as resources.home.dpo_home, which this Dagster-free module cannot import.
-    home = Path(os.environ.get("DPO_HOME") or Path.cwd() / ".dpo_home").resolve()
+    home = dpo_home()
     if not (home / "mlflow.db").is_file():
         raise SystemExit(f"no MLflow store at {home / 'mlflow.db'}: set DPO_HOME to the pipeline's state folder "
                          "or MLFLOW_TRACKING_URI to the tracking server")

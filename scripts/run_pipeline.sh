@@ -7,8 +7,8 @@ preset=${1:-default}
 source scripts/setup.sh
 export DPO_HOME=${DPO_HOME:-$PWD/.dpo_home}
 export DAGSTER_HOME=${DAGSTER_HOME:-$DPO_HOME/dagster}
-mkdir -p "$DAGSTER_HOME"
-touch "$DAGSTER_HOME/dagster.yaml"
+# Dagster + MLflow stores created once under a lock: runs started together on a new home raced here.
+.venv/bin/python -m resources.home init
 
 start=$(date +%s)
 .venv/bin/dagster asset materialize -m dpo_assets.definitions --select '*' \

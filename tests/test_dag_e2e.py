@@ -19,6 +19,7 @@ from dpo_driver.actions import parse_action
 from dpo_driver.tasks import split_of
 from dpo_driver.registry import MODEL_NAME, promote
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
+from resources.home import init_home
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def run(tmp_path_factory):
         "tracker": MLflowTracker(),  # the embedded default: SQLite + artifacts under $DPO_HOME
         "trainer": TrainingLauncher(),  # the embedded default: a Pipes subprocess
     }
-    (home / "dagster").mkdir()
+    init_home(home, home / "dagster")  # as scripts/run_pipeline.sh does on a new home
     with dg.instance_for_test(temp_dir=str(home / "dagster")) as instance:
         result = dg.materialize(ASSETS + CHECKS, resources=resources, run_config=preset("tiny"), instance=instance)
         # Round 2: promote round 1's adapter by hand, then refresh everything after SFT.
