@@ -11,6 +11,7 @@ One writer at a time is assumed: the history tag is read-modify-write.
 Rollback from a shell (MLFLOW_TRACKING_URI, else the SQLite store in $DPO_HOME):
     python -m dpo_driver.registry rollback [--to VERSION] [--reason TEXT]
     python -m dpo_driver.registry history | champion
+    python -m dpo_driver.registry audit [--last N] [--json]   # the audit log (dpo_driver/audit.py)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from urllib.parse import unquote, urlparse
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from dpo_driver import audit
 from dpo_driver.io import dpo_home
 from dpo_driver.tracking import Tracker
 
@@ -104,21 +106,26 @@ def acting_adapter(tracker: Tracker, fallback_dir: str | Path, base_model: str, 
 def record_evaluation(tracker: Tracker, dpo_run_id: str, decision: str, reason: str, base_model: str,
                       tags: dict | None = None, name: str = MODEL_NAME) -> ModelVersion:
     """Register the evaluated DPO adapter (always, so every candidate is on record) and move
-    ``champion`` to it only when ``decision`` is "promote"."""
-    version = register_adapter(tracker, dpo_run_id, name=name,
-                               tags={**(tags or {}), "decision": decision, "base_model": base_model})
+    ``champion`` to it only when ``decision`` is "promote". Either way the audit log says so
+    (a "promote" from ``_move``, else a "keep"); ``tags["dagster_run_id"]`` names the run there."""
+    tags = tags or {}
+    version = register_adapter(tracker, dpo_run_id, name=name, tags={**tags, "decision": decision, "base_model": base_model})
     if decision == "promote":
-        return promote(tracker, name, version.version, reason)
+        return promote(tracker, name, version.version, reason, dagster_run_id=tags.get("dagster_run_id"))
+    current = champion(tracker, name)
+    audit.record("keep", f"evaluation decided {decision!r}: {reason}", tracker, dagster_run_id=tags.get("dagster_run_id"),
+                 mlflow_run_id=dpo_run_id, model=name, version=version.version,
+                 details={"decision": decision, "champion": None if current is None else str(current.version)})
     return version
 
 
-def promote(tracker: Tracker, name: str, version: str | int, reason: str) -> ModelVersion:
+def promote(tracker: Tracker, name: str, version: str | int, reason: str, dagster_run_id: str | None = None) -> ModelVersion:
     """Move ``champion`` to ``version`` and record why. Promoting the current champion changes nothing."""
-    return _move(tracker, name, str(version), reason, "promote")
+    return _move(tracker, name, str(version), reason, "promote", dagster_run_id)
 
 
 def rollback(tracker: Tracker, name: str = MODEL_NAME, to_version: str | int | None = None,
-             reason: str = "manual rollback") -> ModelVersion:
+             reason: str = "manual rollback", dagster_run_id: str | None = None) -> ModelVersion:
     """Point ``champion`` back to the champion before the current one (or to ``to_version``).
 
     Repeated rollbacks walk further back through the promotions recorded in the history.
@@ -136,7 +143,7 @@ def rollback(tracker: Tracker, name: str = MODEL_NAME, to_version: str | int | N
         to_version = stack[-1]
     if str(to_version) == str(current.version):
         raise ValueError(f"{name} v{to_version} already is the champion")
-    return _move(tracker, name, str(to_version), reason, "rollback")
+    return _move(tracker, name, str(to_version), reason, "rollback", dagster_run_id)
 
 
 def alias_history(tracker: Tracker, name: str = MODEL_NAME) -> list[dict]:
@@ -150,7 +157,8 @@ def alias_history(tracker: Tracker, name: str = MODEL_NAME) -> list[dict]:
     return json.loads(model.tags.get(HISTORY_TAG, "[]"))
 
 
-def _move(tracker: Tracker, name: str, version: str, reason: str, action: str) -> ModelVersion:
+def _move(tracker: Tracker, name: str, version: str, reason: str, action: str,
+          dagster_run_id: str | None = None) -> ModelVersion:
     client = tracker.client
     target = client.get_model_version(name, version)  # raises RESOURCE_DOES_NOT_EXIST naming model and version
     previous = champion(tracker, name)
@@ -169,6 +177,9 @@ def _move(tracker: Tracker, name: str, version: str, reason: str, action: str) -
         client.set_model_version_tag(name, version, key, value)
     if previous is not None:
         client.set_model_version_tag(name, str(previous.version), "champion_until", now)
+    # After the move: the log never claims a move the registry did not make.
+    audit.record(action, reason, tracker, dagster_run_id=dagster_run_id, mlflow_run_id=target.run_id, model=name,
+                 version=version, details={"previous": entry["previous"]})
     return client.get_model_version(name, version)
 
 
@@ -217,7 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--reason", default="manual promotion (CLI)")
     commands.add_parser("champion", help="print the champion version and its adapter folder")
     commands.add_parser("history", help="print the alias history as JSON lines, oldest first")
+    log = commands.add_parser("audit", help=f"print the audit log ({audit.log_path()}), oldest first")
+    log.add_argument("--last", type=int, default=None, metavar="N", help="only the newest N records")
+    log.add_argument("--json", action="store_true", help="JSON lines instead of one readable line per record")
     args = parser.parse_args(argv)
+    if args.command == "audit":  # the file alone: no MLflow store needed
+        for entry in audit.read(last=args.last):
+            print(json.dumps(entry, sort_keys=True) if args.json else audit.format_line(entry))
+        return 0
     tracker = tracker_from_env()
     try:
         if args.command == "rollback":

@@ -27,3 +27,11 @@ def make_tracker(migrated_db, tmp_path):
         return Tracker.local(home, experiment="test")
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def audit_log(tmp_path, monkeypatch) -> Path:
+    """Every test's audit records go to its own file, never to the checkout's .dpo_home."""
+    path = tmp_path / "audit" / "audit.jsonl"
+    monkeypatch.setenv("DPO_AUDIT_LOG", str(path))
+    return path
