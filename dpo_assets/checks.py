@@ -11,6 +11,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from dpo_assets.governance import audit_failed_gates, audit_gate_failure
 from dpo_driver.io import read_jsonl
 from dpo_driver.policy import LMPolicy
 from dpo_driver.quality import (GateResult, PairGateThresholds, check_eval_seeds_disjoint, repeated_page_tasks, run_pair_gates,
@@ -109,6 +110,7 @@ def preference_pairs_gates(
                            {t: list(plan.eval) for t in tasks}, eval_prompts)
     gates["decontamination"].metadata["ngram_exempt_tasks"] = exempt
     _log_to_mlflow(context, tracker, "preference_pairs", gates)
+    audit_failed_gates(context, tracker, "preference_pairs", gates)
     for name in PAIR_GATES:
         yield _check_result("preference_pairs", name, gates[name])
 
@@ -126,17 +128,21 @@ def rollout_trajectories_gates(
 ):
     gates = run_trajectory_gates(rollout_trajectories, task_suite.task_list(), config.max_env_error_fraction, config.min_episodes)
     _log_to_mlflow(context, tracker, "rollout_trajectories", gates)
+    audit_failed_gates(context, tracker, "rollout_trajectories", gates)
     for name in TRAJECTORY_GATES:
         yield _check_result("rollout_trajectories", name, gates[name])
 
 
 @dg.asset_check(asset="evaluation_report", blocking=True, description="evaluation seeds are disjoint from demo and rollout seeds")
-def evaluation_report_seeds_disjoint(evaluation_report: dict, task_suite: TaskSuite) -> dg.AssetCheckResult:
+def evaluation_report_seeds_disjoint(context: dg.AssetCheckExecutionContext, evaluation_report: dict, task_suite: TaskSuite,
+                                     tracker: MLflowTracker) -> dg.AssetCheckResult:
     plan = task_suite.plan()
     tasks = task_suite.task_list()
     train = {t: list(plan.demo) + list(plan.rollout) for t in tasks}
     evaluated = {t: evaluation_report["eval_seeds"] for t in tasks}
-    return _check_result("evaluation_report", "seeds_disjoint", check_eval_seeds_disjoint(evaluated, train))
+    gate = check_eval_seeds_disjoint(evaluated, train)
+    audit_failed_gates(context, tracker, "evaluation_report", {"seeds_disjoint": gate})
+    return _check_result("evaluation_report", "seeds_disjoint", gate)
 
 
 class SFTGateConfig(dg.Config):
@@ -155,6 +161,8 @@ def sft_adapter_validation(context: dg.AssetCheckExecutionContext, config: SFTGa
     passed, message = result.verdict(config.min_valid_fraction, config.min_expert_match)
     context.log.info(message)
     run_id = sft_adapter.get("mlflow_run_id")
+    if not passed:
+        audit_gate_failure(context, tracker, "sft_adapter", "sft_adapter_validation", message, run_id)
     if run_id and run_id != "none":
         client = tracker.tracker().client
         client.set_tag(run_id, "gate.sft_validation", "pass" if passed else "FAIL")

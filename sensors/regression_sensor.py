@@ -24,6 +24,7 @@ from dpo_assets.evaluation import evaluation_report
 from dpo_assets.pairs import preference_pairs
 from dpo_assets.presets import preset
 from dpo_assets.schedules import TRIGGER_TAG, improvement_run_config, preset_name
+from dpo_driver import audit
 from resources import MLflowTracker
 
 REGRESSION_DECISIONS = ("keep previous", "needs review")
@@ -181,6 +182,11 @@ def regression_sensor(context: dg.SensorEvaluationContext, tracker: MLflowTracke
         context.log.info(f"run {found[0].run_id or 'runless'}: {reason}; {action}")
         tagged = all([_record_in_mlflow(context, tracker, m, reason, action)
                       for m in dict.fromkeys(r.mlflow_run_id for r in found)])
+        # A tick that fails after this line is evaluated again and writes the record again; the
+        # run key in details tells such repeats apart from a second rerun.
+        audit.record("rerun" if rerun else "regression", f"{reason}; {action}", tracker.tracker(),
+                     dagster_run_id=found[0].run_id or None, mlflow_run_id=found[0].mlflow_run_id if tagged else None,
+                     details={"run_key": rerun.run_key, "attempt": rerun.attempt, "root": rerun.root} if rerun else {})
         for asset_key in dict.fromkeys(r.asset_key for r in found):
             observations.append(dg.AssetObservation(asset_key=asset_key, metadata={
                 "regression_reason": reason, "regression_action": action, "source_run_id": found[0].run_id,

@@ -244,3 +244,22 @@ def test_reruns_off_still_records_the_regression(fresh_instance, mlflow_tracker,
     assert requests_of(result) == []
     tags = MlflowClient(tracking_uri=tracker.tracking_uri).get_run(eval_run).data.tags
     assert tags["regression.action"] == "no rerun: reruns are off"
+
+
+def test_reruns_and_regressions_without_rerun_are_audited(fresh_instance, mlflow_tracker, monkeypatch, audit_log):
+    from dpo_driver import audit
+
+    tracker, resources = mlflow_tracker
+    eval_run = evaluation_run(tracker)
+    report_evaluation(fresh_instance, "keep previous", eval_run)
+    result, _ = tick(regression_sensor, fresh_instance, resources=resources)
+    (request,) = requests_of(result)
+    monkeypatch.setenv("DPO_REGRESSION_MAX_RETRIES", "0")
+    report_evaluation(fresh_instance, "needs review")  # no MLflow run in its metadata
+    tick(regression_sensor, fresh_instance, cursor=result.cursor, resources=resources)
+    rerun, regression = audit.read(audit_log)
+    assert rerun["event"] == "rerun" and rerun["mlflow_run_id"] == eval_run
+    assert rerun["details"] == {"run_key": request.run_key, "attempt": 1, "root": request.run_key.removesuffix(":retry-1")}
+    assert rerun["reason"].startswith("evaluation decided 'keep previous'; rerun ")
+    assert regression["event"] == "regression" and regression["mlflow_run_id"] is None
+    assert regression["reason"] == "evaluation decided 'needs review'; no rerun: reruns are off"
