@@ -19,6 +19,7 @@ class SFTAdapterConfig(dg.Config):
     gradient_accumulation_steps: int = Field(1, description="trl.SFTConfig.gradient_accumulation_steps")
     max_length: int = Field(512, description="trl.SFTConfig.max_length (tokens); longer demos are truncated")
     seed: int = Field(0, description="training seed")
+    checkpoint_steps: int = Field(0, description="trl.SFTConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
 
 
 class RolloutConfig(dg.Config):
@@ -71,6 +72,7 @@ class DPOAdapterConfig(dg.Config):
     gradient_accumulation_steps: int = Field(1, description="trl.DPOConfig.gradient_accumulation_steps")
     max_length: int = Field(512, description="trl.DPOConfig.max_length (tokens)")
     seed: int = Field(0, description="training seed")
+    checkpoint_steps: int = Field(0, description="trl.DPOConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
 
 
 class EvaluationConfig(dg.Config):

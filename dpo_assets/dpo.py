@@ -7,7 +7,7 @@ from dpo_assets.configs import DPOAdapterConfig
 from dpo_driver.io import atomic_dir, atomic_write_jsonl
 from dpo_driver.pairs import to_dpo_records
 from dpo_driver.train import JobSpec
-from dpo_driver.training import DPOParams
+from dpo_driver.training import DPOParams, scratch_dir_for
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TrainingLauncher
 
 
@@ -40,7 +40,8 @@ def dpo_adapter(
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "pairs.jsonl", records)
             spec = JobSpec("dpo", sft_adapter["base_model"], "pairs.jsonl", "adapter", params=asdict(params),
-                           sft_adapter_dir=start)
+                           sft_adapter_dir=start,
+                           scratch_dir=str(scratch_dir_for(out)))
             result = trainer.train(context, spec.write(tmp / "dpo_job.json"))
         run.log_metrics(result["metrics"])
         run.log_artifacts(out / "adapter", "adapter")

@@ -8,7 +8,7 @@ from dpo_driver.demos import generate_demos, load_demos
 from dpo_driver.io import atomic_dir, atomic_write_jsonl
 from dpo_driver.train import JobSpec
 from dpo_driver.validation import validation_seeds
-from dpo_driver.training import SFTParams
+from dpo_driver.training import SFTParams, scratch_dir_for
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
 
 
@@ -50,7 +50,8 @@ def sft_adapter(
             atomic_write_jsonl(tmp / "demos.jsonl", demos)
             atomic_write_jsonl(tmp / "validation.jsonl", validation)
             # Paths relative to the spec's folder: the spec stays valid once tmp becomes `out`.
-            spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params))
+            spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params),
+                           scratch_dir=str(scratch_dir_for(out)))
             result = trainer.train(context, spec.write(tmp / "sft_job.json"))
         run.log_metrics(result["metrics"])
         run.log_artifact(out / "demos.jsonl")

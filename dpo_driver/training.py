@@ -3,23 +3,29 @@
 Records are TRL conversational data. SFT: {"prompt": [user msg], "completion": [assistant msg]};
 TRL masks the prompt, so the loss is on the completion only. DPO: {"prompt", "chosen", "rejected"}.
 Adapters are written to a temp dir beside `output_dir` and renamed onto it, so a killed run never
-leaves a half-written adapter behind.
+leaves a half-written adapter behind. With `checkpoint_steps` > 0 the trainer checkpoints into a
+scratch dir that is stable per output dir (`.<name>.scratch` beside it): it is kept when a run fails
+or is killed, a retry of the same job resumes from its last complete checkpoint, and it is removed
+once the adapter is in place.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
+from .io import atomic_write_text
 from .model import bf16_is_native, load_model_and_tokenizer
 
 
@@ -40,6 +46,7 @@ class SFTParams:
     bf16: bool | None = None  # bf16 base weights + autocast; None = where bf16 is native (CUDA, AVX512-BF16/AMX CPU)
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base via bitsandbytes (CUDA only)
     gradient_checkpointing: bool = False  # recompute activations to save GPU memory (~20% slower)
+    checkpoint_steps: int = 0  # optimizer steps between resumable checkpoints in the scratch dir; 0 = none
 
 
 @dataclass
@@ -58,6 +65,7 @@ class DPOParams:
     bf16: bool | None = None  # bf16 base weights + autocast; None = where bf16 is native (CUDA, AVX512-BF16/AMX CPU)
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base via bitsandbytes (CUDA only)
     gradient_checkpointing: bool = False  # TRL defaults this to True; off is faster for small models
+    checkpoint_steps: int = 0  # optimizer steps between resumable checkpoints in the scratch dir; 0 = none
 
 
 @dataclass
@@ -133,13 +141,16 @@ def _trainer_args(params: SFTParams | DPOParams, scratch: Path, num_records: int
         activation_checkpointing=params.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if params.gradient_checkpointing else None,
         report_to="none",  # the caller logs to MLflow itself
-        save_strategy="no",  # only the final adapter is kept; a failed asset re-runs from the start
+        # Checkpoints (adapter, optimizer, scheduler, RNG, trainer_state.json last) let a retry resume;
+        # two are kept so one complete checkpoint survives a kill while the next is being written.
+        save_strategy="steps" if params.checkpoint_steps > 0 else "no",
+        **({"save_steps": params.checkpoint_steps, "save_total_limit": 2} if params.checkpoint_steps > 0 else {}),
         push_to_hub=False,
     )
 
 
-def _run(trainer, records: list[dict], output_dir: Path) -> TrainResult:
-    out = trainer.train()
+def _run(trainer, records: list[dict], output_dir: Path, resume_from: Path | None = None) -> TrainResult:
+    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.partial-"))
     try:
         # Only the trained adapter: DPO also holds a frozen "ref" copy, which is not the result.
@@ -208,19 +219,59 @@ def train_sft(
     params: SFTParams,
     on_log: Callable[[dict], None] | None = None,
     init_adapter_dir: Path | None = None,
+    scratch_dir: Path | None = None,
 ) -> TrainResult:
     """LoRA SFT on prompt-completion demos; writes the adapter to `output_dir`."""
     _check_records(records, "train_sft", ("prompt", "completion"))
     return _train_in_scratch(lambda scratch: build_sft_trainer(base_model, records, scratch, params, on_log, init_adapter_dir),
-                             records, output_dir)
+                             records, output_dir, _job_fingerprint("sft", base_model, records, params, init_adapter_dir),
+                             scratch_dir)
 
 
-def _train_in_scratch(build: Callable[[Path], object], records: list[dict], output_dir: Path) -> TrainResult:
-    """Build a trainer on a scratch dir beside `output_dir`, train, and move the adapter in."""
+def scratch_dir_for(output_dir: Path) -> Path:
+    """The trainer's working dir for `output_dir`: the same on every retry, so checkpoints are found."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(f".{output_dir.name}.scratch")
+
+
+def last_checkpoint(scratch: Path) -> Path | None:
+    """The newest complete `checkpoint-N` in `scratch`: the Trainer writes trainer_state.json last,
+    so a checkpoint whose trainer_state.json is there and parses was written whole."""
+    done = []
+    for path in Path(scratch).glob("checkpoint-*"):
+        state = path / "trainer_state.json"
+        if path.name.removeprefix("checkpoint-").isdigit() and state.is_file():
+            try:
+                json.loads(state.read_text())
+            except json.JSONDecodeError:  # killed while writing it: this checkpoint is incomplete
+                continue
+            done.append(path)
+    return max(done, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+
+
+def _job_fingerprint(kind: str, base_model: str, records: list[dict], params, start_adapter: Path | None) -> str:
+    """What a checkpoint was trained on: resuming a different job from it would silently mix runs."""
+    job = {"kind": kind, "base_model": str(base_model), "records": records, "params": asdict(params),
+           "start_adapter": None if start_adapter is None else str(start_adapter)}
+    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _train_in_scratch(build: Callable[[Path], object], records: list[dict], output_dir: Path, fingerprint: str,
+                      scratch_dir: Path | None = None) -> TrainResult:
+    """Build a trainer on the job's scratch dir, resume from its last complete checkpoint (when the
+    same job left one), train, move the adapter in, and drop the scratch dir."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.scratch-") as scratch:
-        return _run(build(Path(scratch)), records, output_dir)
+    scratch = Path(scratch_dir) if scratch_dir else scratch_dir_for(output_dir)
+    stamp = scratch / "job.sha256"
+    if scratch.exists() and (not stamp.is_file() or stamp.read_text().strip() != fingerprint):
+        shutil.rmtree(scratch)  # another job's (or an unstamped) leftovers: never resume from those
+    scratch.mkdir(parents=True, exist_ok=True)
+    if not stamp.is_file():
+        atomic_write_text(stamp, fingerprint + "\n")
+    result = _run(build(scratch), records, output_dir, last_checkpoint(scratch))
+    shutil.rmtree(scratch)  # only on success: a failed or killed run leaves its checkpoints for the retry
+    return result
 
 
 def init_adapter(base_model: str, output_dir: Path, params: SFTParams) -> Path:
@@ -304,11 +355,13 @@ def train_dpo(
     output_dir: Path,
     params: DPOParams,
     on_log: Callable[[dict], None] | None = None,
+    scratch_dir: Path | None = None,
 ) -> TrainResult:
     """DPO from the SFT adapter against the frozen SFT policy; writes the adapter to `output_dir`."""
     _check_records(records, "train_dpo", ("prompt", "chosen", "rejected"))
     return _train_in_scratch(lambda scratch: build_dpo_trainer(base_model, sft_adapter_dir, records, scratch, params, on_log),
-                             records, output_dir)
+                             records, output_dir, _job_fingerprint("dpo", base_model, records, params, sft_adapter_dir),
+                             scratch_dir)
 
 
 def build_kto_trainer(
@@ -352,7 +405,7 @@ def train_kto(
     """KTO from the start adapter against its frozen copy; writes the adapter to `output_dir`."""
     _check_records(records, "train_kto", ("prompt", "completion", "label"))
     return _train_in_scratch(lambda scratch: build_kto_trainer(base_model, start_adapter_dir, records, scratch, params, on_log),
-                             records, output_dir)
+                             records, output_dir, _job_fingerprint("kto", base_model, records, params, start_adapter_dir))
 
 
 def load_policy(base_model: str, adapter_dir: Path | None = None, dtype: str = "auto"):

@@ -123,11 +123,13 @@ class TrainingLauncher(dg.ConfigurableResource):
 def same_path_mounts(spec: JobSpec, spec_path: Path) -> dict[str, dict]:
     """Bind mounts (docker-py `volumes`) that show the job's folders at their own paths.
 
-    Written: the spec's folder and the adapter's parent (training writes a temp dir beside it).
-    Read only: the records' folder, the SFT adapter, a base model given as a local folder.
-    A folder already visible through a mount above it is not mounted again.
+    Written: the spec's folder, the adapter's parent (training writes a temp dir beside it) and the
+    checkpoint scratch dir's parent. Read only: the records' folder, the SFT adapter, a base model
+    given as a local folder. A folder already visible through a mount above it is not mounted again.
     """
     wanted = {Path(spec_path).parent: "rw", Path(spec.output_dir).parent: "rw"}
+    if spec.scratch_dir:
+        wanted.setdefault(Path(spec.scratch_dir).parent, "rw")
     inputs = (spec.sft_adapter_dir, spec.init_adapter_dir, spec.base_model)
     readonly = [Path(spec.records).parent] + [Path(p) for p in inputs if p]
     for p in readonly:
