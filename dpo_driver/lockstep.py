@@ -9,6 +9,16 @@ and steps overlap (selenium waits on the browser with the GIL released).
 Everything that decides what runs next happens in the main thread while all workers wait, in
 worker order: which seed a worker plays next, the crash count, the batch's row order. So a run is
 deterministic for a deterministic policy and environment, however the threads are timed.
+
+Not the default (rollouts.DEFAULT_NUM_ENVS = 0), because an episode waits for its batch while
+MiniWoB's 10 s episode clock runs: the time-decayed `reward` drops, and when generation is slow
+episodes time out. On this project's shared 2-core CPU (benchmarks/results/throughput.json, SFT
+policy, default suite) 8 browsers ran 1.7x the one-browser loop once, and 0.57x with success
+0.37 instead of 0.54 when other jobs slowed generation to 7 tokens/s; 4 browsers ran 1.0-2.1x.
+The one-browser loop generates every first step before its replay reset, so its clock starts
+after generation. Also, in bf16 a greedy answer can depend on its batch's other rows, so results
+may differ slightly from the one-browser loop's and between `num_envs` values (each run is
+deterministic for a fixed `num_envs`).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from dpo_driver.env import EnvCrashed, WebEnv
 from dpo_driver.observation import Observation
 from dpo_driver.policy import Sampling
 from dpo_driver.rollouts import DEFAULT_NUM_ENVS, MAX_CONSECUTIVE_CRASHES, EpisodeSpec, _crashed, _play
+from dpo_driver.tasks import max_steps_for
 
 # A new browser takes ~1 s to start, during which every other browser waits for the next batch;
 # a worker whose task is used up moves to another task only while that task still has more than
@@ -45,9 +56,10 @@ class _Proxy:
 
 
 class _Lockstep:
-    def __init__(self, policy, tasks: list[str], seeds: list[int], sampling: Sampling, max_steps: int, policy_name: str,
+    def __init__(self, policy, tasks: list[str], seeds: list[int], sampling: Sampling, max_steps: int | None, policy_name: str,
                  chrome_binary: str | None, chromedriver: str | None, on_progress: Callable[[dict], None] | None, num_envs: int):
-        self.policy, self.sampling, self.max_steps, self.policy_name = policy, sampling, max_steps, policy_name
+        self.policy, self.sampling, self.policy_name = policy, sampling, policy_name
+        self.max_steps = {t: max_steps or max_steps_for(t) for t in tasks}
         self.browser = (chrome_binary, chromedriver)
         self.on_progress = on_progress
         self.tasks = tasks
@@ -78,7 +90,7 @@ class _Lockstep:
                         env.close()
                     env = WebEnv(spec.task, *self.browser)
                 try:
-                    finished = _play(env, _Proxy(self, w), spec, [], self.sampling, self.max_steps, self.policy_name)
+                    finished = _play(env, _Proxy(self, w), spec, [], self.sampling, self.max_steps[spec.task], self.policy_name)
                 except EnvCrashed as e:  # the next reset re-opens this browser
                     finished = _crashed(self.policy_name, spec, e)
         except _Aborted:
@@ -173,14 +185,15 @@ def run_lockstep(
     tasks: list[str],
     seeds: list[int],
     sampling: Sampling,
-    max_steps: int = 4,
+    max_steps: int | None = None,
     policy_name: str = "policy",
     chrome_binary: str | None = None,
     chromedriver: str | None = None,
     on_progress: Callable[[dict], None] | None = None,
     num_envs: int = DEFAULT_NUM_ENVS,
 ) -> list[dict]:
-    """One greedy episode per (task, seed) on up to `num_envs` browsers; records in task, then seed order."""
+    """One greedy episode per (task, seed) on up to `num_envs` browsers shared by all tasks (a browser
+    starts in ~1 s); records in task, then seed order. `max_steps` as in run_episodes (None = per task)."""
     if sampling.temperature > 0:
         raise ValueError("lockstep plays greedy episodes only (temperature <= 0)")
     if num_envs < 1:

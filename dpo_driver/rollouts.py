@@ -19,7 +19,9 @@ from dpo_driver.policy import Sampling
 from dpo_driver.tasks import max_steps_for
 
 MAX_CONSECUTIVE_CRASHES = 3
-DEFAULT_NUM_ENVS = 8  # browsers stepped together in greedy evaluation (see lockstep.py)
+# Browsers stepped together in greedy evaluation; 0 = the one-browser loop. Lockstep episodes wait
+# for their batch while MiniWoB's episode clock runs, so slow generation times them out (lockstep.py).
+DEFAULT_NUM_ENVS = 0
 
 
 @dataclass
@@ -118,9 +120,9 @@ def run_episodes(
     `max_steps` cuts every episode off after that many steps; None (or 0) = each task's own limit
     (tasks.max_steps_for: the expert's longest episode plus slack).
 
-    Greedy evaluation (temperature <= 0, one sample per seed) runs on `num_envs` browsers in
-    lockstep, one batched generate per step (see lockstep.py): the same records, faster.
-    `num_envs=0` keeps the one-browser loop below (benchmarks/throughput.py compares the two).
+    With `num_envs` > 0, greedy evaluation (temperature <= 0, one sample per seed) runs on that
+    many browsers in lockstep, one batched generate per step (lockstep.py, which says why 0, the
+    one-browser loop below, is the default; benchmarks/throughput.py compares the two).
 
     With an exploring strategy ("verbs", "candidates") the K first actions are sampled per verb (see
     LMPolicy._propose_per_verb), each distinct one played out greedily; then every later state of
@@ -133,8 +135,7 @@ def run_episodes(
     if num_envs and sampling.temperature <= 0 and samples_per_seed == 1:
         from dpo_driver.lockstep import run_lockstep  # imported here: lockstep builds on this module's _play
 
-        return [ep for task in tasks for ep in run_lockstep(policy, [task], seeds, sampling, max_steps or max_steps_for(task), policy_name,
-                                                            chrome_binary, chromedriver, on_progress, num_envs)]
+        return run_lockstep(policy, tasks, seeds, sampling, max_steps, policy_name, chrome_binary, chromedriver, on_progress, num_envs)
     branching = sampling.explores
     after_first = replace(sampling, temperature=0.0, strategy="sample") if branching else sampling
     episodes: list[dict] = []
