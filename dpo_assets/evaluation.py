@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -6,8 +7,9 @@ import pandas as pd
 from dpo_assets._common import episode_logger
 from dpo_assets.configs import EvaluationConfig
 from dpo_driver.io import atomic_dir, atomic_write_jsonl, atomic_write_text
+from dpo_driver.modelcard import build_model_card, pair_counts, publish_model_card
 from dpo_driver.policy import LMPolicy, Sampling
-from dpo_driver.registry import record_evaluation
+from dpo_driver.registry import champion, record_evaluation
 from dpo_driver.report import build_report, plot_report
 from dpo_driver.rollouts import run_episodes
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
@@ -68,11 +70,23 @@ def evaluation_report(
         run.log_metrics({k: v for k, v in report.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.log_artifacts(out, "report")
     diff_key = f"dpo_minus_{baseline}_points"
-    version = record_evaluation(
-        tracker.tracker(), dpo_adapter["mlflow_run_id"], report.decision,
-        reason=(f"evaluation {run.run_id}: dpo - {baseline} = {report.summary[diff_key]:+.1f} points "
-                f"[{report.summary['diff_ci_low_points']:+.1f}, {report.summary['diff_ci_high_points']:+.1f}]"),
-        base_model=dpo_adapter["model"], tags={"evaluation_run_id": run.run_id, "dagster_run_id": context.run_id})
+    reason = (f"evaluation {run.run_id}: dpo - {baseline} = {report.summary[diff_key]:+.1f} points "
+              f"[{report.summary['diff_ci_low_points']:+.1f}, {report.summary['diff_ci_high_points']:+.1f}]")
+    version = record_evaluation(tracker.tracker(), dpo_adapter["mlflow_run_id"], report.decision, reason=reason,
+                                base_model=dpo_adapter["model"], tags={"evaluation_run_id": run.run_id, "dagster_run_id": context.run_id})
+    # The blocking checks this run evaluated (pairs, rollouts, SFT): all passed, or this asset would not run.
+    checks = context.instance.get_records_for_run(context.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+    gates = {c.check_name: c.passed for c in (r.event_log_entry.dagster_event.event_specific_data for r in checks)}
+    best = champion(tracker.tracker(), version.name)
+    card = build_model_card(
+        Path(dpo_adapter["adapter_dir"]), base_model=dpo_adapter["model"], model_name=version.name, version=version.version,
+        decision=report.decision, reason=reason, report_markdown=report.markdown,
+        pairs_by_task=pair_counts(Path(dpo_adapter["adapter_dir"]).parent / "pairs.jsonl"), start_policy=start,
+        sft_examples=sft_adapter.get("num_examples"), gates=gates,
+        runs={"dagster run": context.run_id, "MLflow DPO run": dpo_adapter["mlflow_run_id"], "MLflow evaluation run": run.run_id,
+              "MLflow SFT run": sft_adapter["mlflow_run_id"],
+              "champion after this evaluation": "none" if best is None else f"v{best.version}"})
+    card_path = publish_model_card(tracker.tracker(), version, card, out / "model_card")
     context.log.info(f"evaluation report: {out / 'report.md'}\n{report.markdown}")
     return dg.MaterializeResult(
         value={"report_dir": str(out), "decision": report.decision, "summary": report.summary,
@@ -85,6 +99,7 @@ def evaluation_report(
             "champion": report.decision == "promote",
             "report_dir": dg.MetadataValue.path(str(out)),
             "plot": dg.MetadataValue.path(str(out / "success_by_task.png")),
+            "model_card": dg.MetadataValue.path(str(card_path)),
             "mlflow_run_id": run.run_id,
         },
     )
