@@ -26,7 +26,15 @@ return out;
 # jQuery UI widgets animate (accordions, ~0.4 s) or wait (autocomplete suggestions, 0.3 s)
 # before they show a change; an observation taken in between shows the page before the action.
 # Switched off, the observation right after an action shows its result.
+# MiniWoB also ends every episode as failed after 10 s of wall clock. Generation on a loaded CPU
+# (or for a batch of browsers in lockstep) can take that long, which made success depend on the
+# machine's load; the episode clock is pushed to an hour, and the per-task step limit bounds
+# episodes instead. (The time-decayed reward still decays over MiniWoB's 10 s; pairs ignore it.)
 _NO_DELAYS_JS = """
+if (core.EP_TIMER !== null) {
+  clearTimeout(core.EP_TIMER);
+  core.EP_TIMER = setTimeout(function () { core.endEpisode(-1, false, 'timed out'); }, 3600 * 1000);
+}
 if (window.jQuery) {
   jQuery.fx.off = true;
   if (jQuery.ui && jQuery.ui.autocomplete) jQuery('.ui-autocomplete-input').autocomplete('option', 'delay', 0);

@@ -76,3 +76,17 @@ def test_close_ends_the_browser_tree():
         tree = [psutil.Process(p) for p in env._pids]
         tree += [c for p in tree for c in p.children(recursive=True)]
     assert _alive(tree) == []
+
+
+def test_the_episode_clock_does_not_fail_a_slow_policy():
+    """A policy that takes longer than MiniWoB's 10 s per episode (a loaded CPU) still succeeds."""
+    import time
+
+    from dpo_driver.experts import expert_action
+
+    env = WebEnv("click-button")
+    obs, fields = env.reset(seeds_for("rollout", 1)[0])
+    time.sleep(10.5)  # MiniWoB's own clock would have ended the episode as failed by now
+    result = env.step(expert_action("click-button", fields, obs, []))
+    env.close()
+    assert result.done and result.raw_reward == 1.0
