@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 # A Docker engine + base image for the docker-marked tests; without one they skip, CI stays green.
 bash scripts/docker_engine.sh || echo "docker engine unavailable; docker tests will skip"
+.venv/bin/ruff check --no-cache .
 .venv/bin/python -m pytest -q -ra "$@"

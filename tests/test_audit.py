@@ -1,7 +1,6 @@
 """The audit log: atomic concurrent appends, registry moves and evaluations on record, in the file and in MLflow."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

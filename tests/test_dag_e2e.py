@@ -1,6 +1,5 @@
 """The whole DAG, for real: tiny-random model, real MiniWoB++ in headless Chromium, real TRL, MLflow, Dagster."""
 
-import json
 from pathlib import Path
 
 import dagster as dg

@@ -4,7 +4,6 @@ Real Great Expectations, real Dagster materialize, real Chromium (for the eval p
 TRL on the tiny model. Upstream assets are stand-ins that return the pairs under test.
 """
 
-import copy
 
 import dagster as dg
 import pandas as pd

@@ -2,7 +2,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
