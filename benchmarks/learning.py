@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dpo_assets.checks import SFTGateConfig
 from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, RolloutConfig, SFTAdapterConfig
 from dpo_assets.presets import preset
 from dpo_driver.demos import generate_demos
@@ -126,10 +127,10 @@ def run(args) -> dict:
         sft = train_sft(base, demos, work / "sft", SFTParams(**sft_cfg))
     with clock.stage("sft_validation"):
         # The DAG's blocking SFT gate, on the same validation slice of the demo band; here it is reported, not enforced.
-        gate_cfg = ops.get("sft_adapter_validation", {})
+        gate_cfg = SFTGateConfig(**ops.get("sft_adapter_validation", {}))  # the check's own defaults
         val = validate_policy(LMPolicy(*load_policy(base, sft.adapter_dir)),
                               generate_demos(tasks, validation_seeds(suite.get("validation_seeds", 10), plan.demo)))
-        passed, message = val.verdict(gate_cfg.get("min_valid_fraction", 0.8), gate_cfg.get("min_expert_match", 0.25))
+        passed, message = val.verdict(gate_cfg.min_valid_fraction, gate_cfg.min_expert_match)
         sft_validation = {"passed": passed, "message": message, "valid_fraction": round(val.valid_fraction, 4),
                           "expert_match": round(val.expert_match, 4), "states": val.num_states}
         print(message, flush=True)

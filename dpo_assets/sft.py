@@ -27,18 +27,17 @@ def sft_adapter(
     """LoRA SFT (TRL SFTTrainer) of the base model on golden demonstrations."""
     tasks = task_suite.task_list()
     base = policy_model.resolve()  # fails fast on an unknown model, before any output exists
+    chrome, driver = web_env.browser()
     if config.demos_path:
         demos = load_demos(Path(config.demos_path))
         source = config.demos_path
     else:
-        chrome, driver = web_env.browser()
         demos = generate_demos(tasks, list(task_suite.plan().demo), chrome, driver,
                                on_episode=lambda t, s, ok: context.log.debug(f"demo {t} seed {s}: {'ok' if ok else 'expert failed'}"))
         source = "scripted experts"
     if not demos:
         raise ValueError("no golden demonstrations: the experts solved no demo seed; check the task suite")
     # Held-out expert states for the SFT gate (sft_adapter_validation), from the demo band only.
-    chrome, driver = web_env.browser()
     validation = generate_demos(tasks, validation_seeds(task_suite.validation_seeds, task_suite.plan().demo), chrome, driver)
     context.log.info(f"{len(demos)} demo steps from {source}; training LoRA SFT on {base}")
     params = SFTParams(**config.model_dump(exclude={"demos_path"}), load_in_4bit=policy_model.load_in_4bit,
