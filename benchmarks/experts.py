@@ -1,7 +1,7 @@
 """Expert benchmark: how often each task's scripted expert solves demo seeds, and in how many steps.
 
 A task is supported when its expert solves >= 95% of 100 demo seeds; the longest episode sets
-its step limit (dpo_driver.tasks.STEP_LIMITS). One browser per task, tasks one after another.
+its step limit (dpo_driver.families.miniwob.STEP_LIMITS). One browser per task, tasks one after another.
 
     python benchmarks/experts.py --seeds 100 --json benchmarks/results/experts.json
 """
@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from dpo_driver.demos import play_expert
-from dpo_driver.env import WebEnv
 from dpo_driver.experts import EXPERTS
 from dpo_driver.io import atomic_write_text
-from dpo_driver.tasks import SUPPORTED_TASKS, seeds_for
+from dpo_driver.families.miniwob import SUPPORTED_TASKS, MiniWoBSession
+from dpo_driver.tasks import seeds_for
 
 STEP_CAP = 20  # generous: this run measures the longest episode the limits are set from
 PASS = 0.95
@@ -27,9 +27,9 @@ PASS = 0.95
 def measure(task: str, seeds: list[int], verbose: bool = False) -> dict:
     steps, solved, failures = [], 0, []
     t0 = time.perf_counter()
-    with WebEnv(task) as env:
+    with MiniWoBSession(task, None, None) as session:
         for seed in seeds:
-            ep = play_expert(env, seed, STEP_CAP)
+            ep = play_expert(session, seed, STEP_CAP)
             if ep.solved:
                 solved += 1
                 steps.append(len(ep.records))

@@ -39,7 +39,8 @@ from dpo_driver.policy import LMPolicy, RandomPolicy, Sampling
 from dpo_driver.report import build_report
 from dpo_driver.rollouts import run_episodes
 from dpo_driver.stats import decide, paired_bootstrap_diff
-from dpo_driver.tasks import SeedPlan, check_tasks
+from dpo_driver.environment import load_environment
+from dpo_driver.tasks import SeedPlan
 from dpo_driver.tracking import package_versions
 from dpo_driver.training import DPOParams, SFTParams, init_adapter, load_policy, train_dpo, train_kto, train_sft
 from dpo_driver.validation import validate_policy, validation_seeds
@@ -62,16 +63,16 @@ class Clock:
         print(f"[{time.strftime('%H:%M:%S')}] {name} done in {self.wall[name]} s", flush=True)
 
 
-def _sampling(cfg: dict, greedy: bool) -> Sampling:
+def _sampling(cfg: dict, greedy: bool, env) -> Sampling:
+    tokens = cfg["max_new_tokens"] or env.max_new_tokens
     if greedy:
-        return Sampling(temperature=0.0, max_new_tokens=cfg.get("max_new_tokens", 24), batch_size=cfg.get("batch_size", 16))
-    return Sampling(cfg.get("temperature", 1.0), cfg.get("top_k", 0), cfg.get("top_p", 1.0),
-                    cfg.get("max_new_tokens", 24), cfg.get("batch_size", 16), cfg.get("strategy", "sample"))
+        return Sampling(temperature=0.0, max_new_tokens=tokens, batch_size=cfg["batch_size"])
+    return Sampling(cfg["temperature"], cfg["top_k"], cfg["top_p"], tokens, cfg["batch_size"], cfg["strategy"])
 
 
-def _act(clock: Clock, name: str, policy, tasks, seeds, k, sampling, max_steps) -> list[dict]:
+def _act(clock: Clock, name: str, policy, env, tasks, seeds, k, sampling, max_steps) -> list[dict]:
     with clock.stage(name):
-        eps = run_episodes(policy, tasks, seeds, k, sampling, max_steps, policy_name=name.split(":")[-1])
+        eps = run_episodes(policy, env, tasks, seeds, k, sampling, max_steps, policy_name=name.split(":")[-1])
     s = policy.stats
     clock.tokens[name] = {"new_tokens": s.new_tokens, "prompt_tokens": s.prompt_tokens, "gen_seconds": round(s.seconds, 1),
                           "tokens_per_second": round(s.tokens_per_second, 1)}
@@ -105,7 +106,8 @@ def run(args) -> dict:
     ops = {k: v.get("config", {}) for k, v in cfg["ops"].items()}
     suite = cfg["resources"]["task_suite"]["config"]
     model_name = args.model or cfg["resources"]["policy_model"]["config"]["model"]
-    tasks = check_tasks(args.tasks.split(",") if args.tasks else suite["tasks"])
+    env = load_environment(args.env)
+    tasks = env.suite(args.tasks.split(",") if args.tasks else (suite.get("tasks") if args.env == "miniwob" else None))
     plan = SeedPlan.build(suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"],
                            eval_offset=args.eval_offset)
     # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
@@ -114,7 +116,7 @@ def run(args) -> dict:
     roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
     pair_cfg = PairsConfig(**ops["preference_pairs"])  # the asset's own config class: same defaults
-    pair_params, weights = pair_cfg.pair_params(), pair_cfg.score_weights()
+    pair_params, weights = pair_cfg.pair_params(), pair_cfg.score_weights(env)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo-learning-"))
     clock = Clock()
     max_steps = roll_cfg["max_steps"] or None  # None: each task's own step limit
@@ -122,14 +124,15 @@ def run(args) -> dict:
     with clock.stage("model"):
         base = resolve_model(model_name)
     with clock.stage("demos"):
-        demos = generate_demos(tasks, list(plan.demo))
+        demos = generate_demos(env, tasks, list(plan.demo))
     with clock.stage("sft"):
         sft = train_sft(base, demos, work / "sft", SFTParams(**sft_cfg))
     with clock.stage("sft_validation"):
         # The DAG's blocking SFT gate, on the same validation slice of the demo band; here it is reported, not enforced.
         gate_cfg = SFTGateConfig(**ops.get("sft_adapter_validation", {}))  # the check's own defaults
-        val = validate_policy(LMPolicy(*load_policy(base, sft.adapter_dir)),
-                              generate_demos(tasks, validation_seeds(suite.get("validation_seeds", 10), plan.demo)))
+        val = validate_policy(LMPolicy(*load_policy(base, sft.adapter_dir), env=env),
+                              generate_demos(env, tasks, validation_seeds(suite.get("validation_seeds", 10), plan.demo)), env.parse,
+                              gate_cfg.max_new_tokens or env.max_new_tokens)
         passed, message = val.verdict(gate_cfg.min_valid_fraction, gate_cfg.min_expert_match)
         sft_validation = {"passed": passed, "message": message, "valid_fraction": round(val.valid_fraction, 4),
                           "expert_match": round(val.expert_match, 4), "states": val.num_states}
@@ -147,8 +150,8 @@ def run(args) -> dict:
     def evaluate(name: str, adapter: Path | None, policy=None) -> list[dict]:
         if policy is None:
             m, tok = load_policy(base, adapter)
-            policy = LMPolicy(m, tok)
-        eps = _act(clock, f"eval:{name}", policy, tasks, list(plan.eval), 1, _sampling(eval_cfg, True), max_steps)
+            policy = LMPolicy(m, tok, env)
+        eps = _act(clock, f"eval:{name}", policy, env, tasks, list(plan.eval), 1, _sampling(eval_cfg, True, env), max_steps)
         eval_eps[name] = eps
         return eps
 
@@ -156,10 +159,10 @@ def run(args) -> dict:
     rft_current = sft.adapter_dir
     for r in range(1, args.rounds + 1):
         m, tok = load_policy(base, current)
-        episodes = _act(clock, f"rollouts_r{r}:{current_name}", LMPolicy(m, tok), tasks, list(plan.rollout),
-                        roll_cfg.get("samples_per_seed", 4), _sampling(roll_cfg, False), max_steps)
+        episodes = _act(clock, f"rollouts_r{r}:{current_name}", LMPolicy(m, tok, env), env, tasks, list(plan.rollout),
+                        roll_cfg["samples_per_seed"], _sampling(roll_cfg, False, env), max_steps)
         atomic_write_jsonl(work / f"rollouts_r{r}.jsonl", episodes)  # kept for diffing reruns and offline probes
-        pairs = build_preference_pairs(episodes, pair_params, weights)
+        pairs = build_preference_pairs(episodes, pair_params, weights, parse=env.parse)
         stats = pair_yield(episodes, pairs)
         if first_pairs is None:
             first_pairs, first_episodes = pairs, episodes
@@ -203,7 +206,7 @@ def run(args) -> dict:
             for e in first_episodes:
                 if not e["success"] and not e["env_error"]:
                     fails.setdefault(e["task"], set()).add(int(e["seed"]))
-            eto = build_eto_pairs(first_episodes, expert_paths({t: sorted(v) for t, v in fails.items()}),
+            eto = build_eto_pairs(first_episodes, expert_paths(env, {t: sorted(v) for t, v in fails.items()}), env.parse,
                                   pair_params.max_pairs_per_prompt)
             eto_stats = {"pairs": int(len(eto))}
             if not eto.empty:
@@ -216,9 +219,9 @@ def run(args) -> dict:
         zero = init_adapter(base, work / "zero_start", SFTParams(**sft_cfg))
         base_eps = evaluate("base", zero)
         m, tok = load_policy(base, zero)
-        zero_roll = _act(clock, "rollouts_zero:base", LMPolicy(m, tok), tasks, list(plan.rollout), roll_cfg["samples_per_seed"],
-                         replace(_sampling(roll_cfg, False), strategy="candidates"), max_steps)
-        zero_pairs = build_preference_pairs(zero_roll, pair_params, weights)
+        zero_roll = _act(clock, "rollouts_zero:base", LMPolicy(m, tok, env), env, tasks, list(plan.rollout), roll_cfg["samples_per_seed"],
+                         replace(_sampling(roll_cfg, False, env), strategy="candidates"), max_steps)
+        zero_pairs = build_preference_pairs(zero_roll, pair_params, weights, parse=env.parse)
         zero_stats = {"base_mean": round(float(np.mean([e["success"] for e in base_eps])), 4), **pair_yield(zero_roll, zero_pairs)}
         if not zero_pairs.empty:
             with clock.stage("dpo_zero"):
@@ -232,20 +235,20 @@ def run(args) -> dict:
             out_dir = work / f"arm_{arm.replace('+', '_')}"
             with clock.stage(f"arm:{arm}"):
                 if arm == "kto":
-                    res = train_kto(base, sft.adapter_dir, to_kto_records(first_episodes, pair_params.rejected_must_parse, pair_params.shortest_chosen),
+                    res = train_kto(base, sft.adapter_dir, to_kto_records(first_episodes, env.parse if pair_params.rejected_must_parse else None, pair_params.shortest_chosen),
                                     out_dir, DPOParams(**dpo_cfg))
                 else:
                     res = train_dpo(base, sft.adapter_dir, to_dpo_records(first_pairs), out_dir,
                                     DPOParams(**{**dpo_cfg, "loss_type": arm.split("+")}))
             evaluate(f"arm:{arm}", res.adapter_dir)
-    evaluate("random", None, policy=RandomPolicy())
+    evaluate("random", None, policy=RandomPolicy(env))
 
     final = current_name if current_name != "sft" else ("dpo_r1" if "dpo_r1" in eval_eps else "sft")
     frame = pd.DataFrame([{**e, "policy": ("dpo" if p == final else p)} for p, eps in eval_eps.items()
                           for e in eps if p in ("sft", "rft", "random", final)])
     frame = frame[~frame["env_error"]]
     report = build_report(frame[["policy", "task", "seed", "success"]], baseline="sft", candidate="dpo", seed=args.seed)
-    out = {"command": " ".join(shlex.quote(a) for a in sys.argv), "preset": args.preset, "seed": args.seed, "task_suite": tasks,
+    out = {"command": " ".join(shlex.quote(a) for a in sys.argv), "environment": env.name, "preset": args.preset, "seed": args.seed, "task_suite": tasks,
            "model": model_name, "tasks": {}, "rounds": rounds, "final_policy": final, "wall_seconds": clock.wall,
            "generation": clock.tokens, "packages": package_versions(), "python": platform.python_version(),
            "precision": "bfloat16" if bf16_is_native() else "float32", "cpu_threads": torch.get_num_threads(),
@@ -361,7 +364,9 @@ def main(argv=None) -> dict:
                     "exploration), kto "
                     "(unpaired success/failure steps of round 1), or a TRL DPO loss_type list joined by + (e.g. ipo, "
                     "sigmoid, sigmoid+sft) trained on round 1's pairs")
-    ap.add_argument("--tasks", default="", help="override the preset's task suite (comma-separated MiniWoB++ task names)")
+    ap.add_argument("--env", default="miniwob", help="environment family: miniwob, tooluse, sql, or package.module:Class")
+    ap.add_argument("--tasks", default="", help="override the preset's task suite (comma-separated task names of the family; "
+                    "empty = the preset's suite for miniwob, the family's default suite otherwise)")
     ap.add_argument("--eval-seeds", type=int, default=0, help="override held-out seeds per task")
     ap.add_argument("--eval-offset", type=int, default=0,
                     help="start the held-out seeds this far into the eval band (a range no tuning has looked at)")

@@ -21,6 +21,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpo_driver.env import WebEnv  # noqa: E402
+from dpo_driver.families.miniwob import MiniWoB  # noqa: E402
 from dpo_driver.io import atomic_write_text  # noqa: E402
 from dpo_driver.policy import RandomPolicy, Sampling  # noqa: E402
 from dpo_driver.rollouts import run_episodes  # noqa: E402
@@ -71,7 +72,8 @@ def main(argv=None) -> dict:
     WebEnv.reset = reset_and_sometimes_kill
     t0 = time.perf_counter()
     try:
-        eps = run_episodes(RandomPolicy(), [args.task], seeds_for("rollout", args.episodes), 1, Sampling(), max_steps=2,
+        env = MiniWoB()
+        eps = run_episodes(RandomPolicy(env), env, [args.task], seeds_for("rollout", args.episodes), 1, Sampling(), max_steps=2,
                            policy_name="random")
     finally:
         WebEnv.reset = real_reset

@@ -30,7 +30,7 @@ from benchmarks import learning  # noqa: E402
 from dpo_assets.presets import preset  # noqa: E402
 from dpo_driver.io import atomic_write_text  # noqa: E402
 from dpo_driver.stats import paired_bootstrap_diff  # noqa: E402
-from dpo_driver.tasks import SUPPORTED_TASKS  # noqa: E402
+from dpo_driver.families.miniwob import SUPPORTED_TASKS  # noqa: E402
 
 RESULTS = Path("benchmarks/results/suites.json")
 

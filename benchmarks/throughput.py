@@ -24,16 +24,17 @@ import torch
 from dpo_driver.model import resolve_model
 from dpo_driver.policy import LMPolicy, RandomPolicy, Sampling
 from dpo_driver.rollouts import run_episodes
-from dpo_driver.tasks import DEFAULT_TASKS, check_tasks, seeds_for
+from dpo_driver.families.miniwob import DEFAULT_TASKS, MiniWoB
+from dpo_driver.tasks import seeds_for
 from dpo_driver.tracking import package_versions
 from dpo_driver.training import load_policy
 
 GREEDY = Sampling(temperature=0.0)  # as benchmarks/learning.py evaluates
 
 
-def _measure(label: str, policy, tasks: list[str], seeds: list[int], max_steps: int, num_envs: int) -> tuple[dict, list[dict]]:
+def _measure(label: str, policy, env, tasks: list[str], seeds: list[int], max_steps: int, num_envs: int) -> tuple[dict, list[dict]]:
     t0 = time.perf_counter()
-    eps = run_episodes(policy, tasks, seeds, 1, GREEDY, max_steps, policy_name=label, num_envs=num_envs)
+    eps = run_episodes(policy, env, tasks, seeds, 1, GREEDY, max_steps, policy_name=label, num_envs=num_envs)
     wall = time.perf_counter() - t0
     s = policy.stats
     row = {
@@ -59,13 +60,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     ap.add_argument("--seeds", type=int, default=25, help="evaluation-band seeds per task")
     ap.add_argument("--num-envs", type=int, nargs="+", default=[8, 16], help="browser counts for the lockstep rows")
-    ap.add_argument("--max-steps", type=int, default=0, help="0 = each task's own limit (tasks.max_steps_for)")
+    ap.add_argument("--max-steps", type=int, default=0, help="0 = each task's own limit (MiniWoB.max_steps)")
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--adapter", type=Path, default=None, help="LoRA adapter dir (the SFT policy); none = the base model")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = ap.parse_args(argv)
-    tasks, seeds = check_tasks(args.tasks), seeds_for("eval", args.seeds)
+    env = MiniWoB()
+    tasks, seeds = env.suite(args.tasks), seeds_for("eval", args.seeds)
 
     model, tokenizer = load_policy(resolve_model(args.base), args.adapter)
     LMPolicy(model, tokenizer).propose(["warm-up"], [None], 1, GREEDY, seed=0)  # first-call setup is not throughput
@@ -74,12 +76,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows, agree = [], []
     for repeat in range(args.repeats):
         print(f"repeat {repeat + 1}/{args.repeats}", flush=True)
-        row, _ = _measure("env-only", RandomPolicy(), tasks, seeds, args.max_steps, 0)
+        row, _ = _measure("env-only", RandomPolicy(env), env, tasks, seeds, args.max_steps, 0)
         rows.append({"repeat": repeat, **row})
-        seq_row, seq = _measure("sequential", LMPolicy(model, tokenizer), tasks, seeds, args.max_steps, 0)
+        seq_row, seq = _measure("sequential", LMPolicy(model, tokenizer, env), env, tasks, seeds, args.max_steps, 0)
         rows.append({"repeat": repeat, **seq_row})
         for n in args.num_envs:
-            row, lock = _measure("lockstep", LMPolicy(model, tokenizer), tasks, seeds, args.max_steps, n)
+            row, lock = _measure("lockstep", LMPolicy(model, tokenizer, env), env, tasks, seeds, args.max_steps, n)
             rows.append({"repeat": repeat, **row, "speedup_vs_sequential": round(row["episodes_per_second"] / seq_row["episodes_per_second"], 2)})
             same = _actions(lock) == _actions(seq)
             agree.append({"repeat": repeat, "num_envs": n, "same_actions_as_sequential": same})

@@ -12,7 +12,7 @@ from dpo_driver.policy import LMPolicy, Sampling
 from dpo_driver.registry import champion, record_evaluation
 from dpo_driver.report import build_report, plot_report
 from dpo_driver.rollouts import run_episodes
-from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
+from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite
 
 
 @dg.asset(group_name="dpo_loop", kinds={"pytorch", "mlflow"})
@@ -23,7 +23,7 @@ def evaluation_report(
     dpo_adapter: dict,
     policy_model: PolicyModel,
     task_suite: TaskSuite,
-    web_env: WebEnvironment,
+    environment: EnvironmentResource,
     artifact_store: ArtifactStore,
     tracker: MLflowTracker,
 ) -> dg.MaterializeResult:
@@ -33,10 +33,10 @@ def evaluation_report(
     round, the champion in later ones (then evaluated as a third arm). Every DPO adapter is
     registered in MLflow; the `champion` alias moves only on "promote".
     """
-    tasks = task_suite.task_list()
+    env = environment.get()
+    tasks = task_suite.task_list(env)
     plan = task_suite.plan()  # asserts eval seeds are disjoint from demo and rollout seeds
-    chrome, driver = web_env.browser()
-    greedy = Sampling(temperature=0.0, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    greedy = Sampling(temperature=0.0, max_new_tokens=config.max_new_tokens or env.max_new_tokens, batch_size=config.batch_size)
     start = dpo_adapter.get("start_adapter_dir", sft_adapter["adapter_dir"])
     arms = {"sft": sft_adapter["adapter_dir"], "dpo": dpo_adapter["adapter_dir"]}
     if start != sft_adapter["adapter_dir"]:
@@ -45,9 +45,8 @@ def evaluation_report(
     episodes = []
     for name, adapter_dir in arms.items():
         model, tokenizer = policy_model.load(adapter_dir)
-        episodes += run_episodes(LMPolicy(model, tokenizer), tasks, list(plan.eval), 1, greedy, config.max_steps,
-                                 policy_name=name, chrome_binary=chrome, chromedriver=driver,
-                                 on_progress=episode_logger(context, f"eval {name}"))
+        episodes += run_episodes(LMPolicy(model, tokenizer, env), env, tasks, list(plan.eval), 1, greedy, config.max_steps,
+                                 policy_name=name, on_progress=episode_logger(context, f"eval {name}"))
         del model
     frame = pd.DataFrame(episodes)
     crashed = frame[frame["env_error"]]
@@ -57,11 +56,13 @@ def evaluation_report(
         context.log.warning(f"{len(bad)} (task, seed) dropped from evaluation after browser errors")
         frame = frame[[(t, s) not in bad for t, s in zip(frame["task"], frame["seed"])]]
     report = build_report(frame, baseline=baseline, candidate="dpo", confidence=config.confidence, n_boot=config.n_boot)
+    report.summary["environment"] = env.name
     out = artifact_store.path_for("evaluation_report", context.run_id)
-    with tracker.tracker().stage_run("evaluation", {**config.model_dump(), "tasks": tasks, "eval_seeds": len(plan.eval),
+    with tracker.tracker().stage_run("evaluation", {**config.model_dump(), "tasks": tasks, "eval_seeds": len(plan.eval), "environment": env.name,
                                                     "sft_run_id": sft_adapter["mlflow_run_id"],
                                                     "dpo_run_id": dpo_adapter["mlflow_run_id"]},
-                                     tags={"dagster_run_id": context.run_id, "decision": report.decision}) as run:
+                                     tags={"dagster_run_id": context.run_id, "decision": report.decision,
+                                           "environment": env.name}) as run:
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "episodes.jsonl", frame.to_dict("records"))
             atomic_write_text(tmp / "report.md", report.markdown + "\n")
@@ -85,13 +86,15 @@ def evaluation_report(
         sft_examples=sft_adapter.get("num_examples"), gates=gates,
         runs={"dagster run": context.run_id, "MLflow DPO run": dpo_adapter["mlflow_run_id"], "MLflow evaluation run": run.run_id,
               "MLflow SFT run": sft_adapter["mlflow_run_id"],
-              "champion after this evaluation": "none" if best is None else f"v{best.version}"})
+              "champion after this evaluation": "none" if best is None else f"v{best.version}"},
+        environment=env.name)
     card_path = publish_model_card(tracker.tracker(), version, card, out / "model_card")
     context.log.info(f"evaluation report: {out / 'report.md'}\n{report.markdown}")
     return dg.MaterializeResult(
-        value={"report_dir": str(out), "decision": report.decision, "summary": report.summary,
+        value={"report_dir": str(out), "decision": report.decision, "summary": report.summary, "environment": env.name,
                "eval_seeds": sorted({int(s) for s in frame["seed"]})},
         metadata={
+            "environment": env.name,
             "report": dg.MetadataValue.md(report.markdown),
             "decision": report.decision,
             "baseline": baseline,

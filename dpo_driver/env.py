@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpo_driver.actions import Action, resolve_target
+from dpo_driver.environment import EnvCrashed
 from dpo_driver.observation import Observation, parse_observation
+
+__all__ = ["BrowserMissing", "EnvCrashed", "StepResult", "WebEnv", "find_browser"]
 from dpo_driver.procs import browser_pids, kill_tree
-from dpo_driver.tasks import FROZEN_LISTING_TASKS
 
 # A closed <select> hides its options from MiniWoB's DOM dump (they have no layout box): read
 # them, as (text, selected) pairs per select ref, so the policy can see what it may choose.
@@ -53,10 +55,6 @@ sel.dispatchEvent(new Event('change', {bubbles: true}));
 """
 
 
-class EnvCrashed(RuntimeError):
-    """The browser or driver died mid-episode: an infrastructure fault, not a policy failure."""
-
-
 class BrowserMissing(RuntimeError):
     pass
 
@@ -88,12 +86,17 @@ class StepResult:
 class WebEnv:
     """One MiniWoB task in one browser; `reset(seed)` reuses the browser across episodes."""
 
-    def __init__(self, task: str, chrome_binary: str | None = None, chromedriver: str | None = None):
+    def __init__(self, task: str, chrome_binary: str | None = None, chromedriver: str | None = None, ordinals: bool | None = None):
         chrome, driver = find_browser(chrome_binary, chromedriver)
         # miniwob reads these when it starts the driver.
         os.environ["MINIWOB_CHROME_BINARY"] = chrome
         os.environ["MINIWOB_CHROMEDRIVER"] = driver
         self.task = task
+        if ordinals is None:  # the task's own listing (families.miniwob.FROZEN_LISTING_TASKS); imported here: that module builds on this one
+            from dpo_driver.families.miniwob import FROZEN_LISTING_TASKS
+
+            ordinals = task not in FROZEN_LISTING_TASKS
+        self.ordinals = ordinals  # `#k` after an ambiguous kind + text (observation.parse_observation)
         self._env = None
         self._pids: list[int] = []  # chromedriver + Chromium, killed with their descendants on close/crash
         self.raw: dict[str, Any] | None = None
@@ -129,7 +132,7 @@ class WebEnv:
             found = self._driver().execute_script(_DROPDOWNS_JS)
             raw = {**raw, "dropdowns": {int(r): [(str(t), bool(s)) for t, s in opts] for r, opts in found.items()}}
         self.raw = raw
-        self.observation = None if done else parse_observation(raw, ordinals=self.task not in FROZEN_LISTING_TASKS)
+        self.observation = None if done else parse_observation(raw, ordinals=self.ordinals)
 
     def step(self, action: Action | None) -> StepResult:
         """Apply an action; an unparseable or unresolvable one ends the episode as a failure."""

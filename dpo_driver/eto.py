@@ -12,26 +12,26 @@ from collections import defaultdict
 
 import pandas as pd
 
-from dpo_driver.actions import parse_action
+from collections.abc import Callable
+
 from dpo_driver.demos import play_expert
-from dpo_driver.env import WebEnv
+from dpo_driver.environment import Environment, Parsed
 from dpo_driver.pairs import PAIR_COLUMNS, _training_episodes, pair_id
-from dpo_driver.tasks import max_steps_for
 
 
-def expert_paths(tasks_seeds: dict[str, list[int]], chrome_binary: str | None = None, chromedriver: str | None = None) -> dict:
+def expert_paths(env: Environment, tasks_seeds: dict[str, list[int]]) -> dict:
     """{(task, seed): {state prompt: expert action}} along the expert's solved episode of each seed."""
     paths = {}
     for task, seeds in tasks_seeds.items():
-        with WebEnv(task, chrome_binary, chromedriver) as env:
+        with env.open(task) as session:
             for seed in seeds:
-                ep = play_expert(env, seed, max_steps_for(task))
+                ep = play_expert(session, seed, env.max_steps(task))
                 if ep.solved:
                     paths[(task, seed)] = {r["prompt"][0]["content"]: r["completion"][0]["content"] for r in ep.records}
     return paths
 
 
-def build_eto_pairs(episodes: list[dict], paths: dict, max_pairs_per_prompt: int = 2) -> pd.DataFrame:
+def build_eto_pairs(episodes: list[dict], paths: dict, parse: Callable[[str], Parsed], max_pairs_per_prompt: int = 2) -> pd.DataFrame:
     """One pair per failed episode, at its first step on the expert's path where it left that path.
 
     A failed episode that drifted off the expert's path without a different action at a shared
@@ -50,7 +50,7 @@ def build_eto_pairs(episodes: list[dict], paths: dict, max_pairs_per_prompt: int
             out = st["output"].strip()
             if out == expert:
                 continue
-            if parse_action(out) is not None and taken[st["prompt"]] < max_pairs_per_prompt:
+            if parse(out).ok and taken[st["prompt"]] < max_pairs_per_prompt:
                 pid = pair_id(st["prompt"], expert, out)
                 if pid not in rows:
                     taken[st["prompt"]] += 1

@@ -28,11 +28,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from dpo_driver.env import EnvCrashed, WebEnv
-from dpo_driver.observation import Observation
+from typing import Any
+
+from dpo_driver.environment import EnvCrashed, Environment, Session
 from dpo_driver.policy import Sampling
 from dpo_driver.rollouts import DEFAULT_NUM_ENVS, MAX_CONSECUTIVE_CRASHES, EpisodeSpec, _crashed, _play
-from dpo_driver.tasks import max_steps_for
 
 # A new browser takes ~1 s to start, during which every other browser waits for the next batch;
 # a worker whose task is used up moves to another task only while that task still has more than
@@ -56,11 +56,11 @@ class _Proxy:
 
 
 class _Lockstep:
-    def __init__(self, policy, tasks: list[str], seeds: list[int], sampling: Sampling, max_steps: int | None, policy_name: str,
-                 chrome_binary: str | None, chromedriver: str | None, on_progress: Callable[[dict], None] | None, num_envs: int):
+    def __init__(self, policy, env: Environment, tasks: list[str], seeds: list[int], sampling: Sampling, max_steps: int | None,
+                 policy_name: str, on_progress: Callable[[dict], None] | None, num_envs: int):
         self.policy, self.sampling, self.policy_name = policy, sampling, policy_name
-        self.max_steps = {t: max_steps or max_steps_for(t) for t in tasks}
-        self.browser = (chrome_binary, chromedriver)
+        self.max_steps = {t: max_steps or env.max_steps(t) for t in tasks}
+        self.env = env
         self.on_progress = on_progress
         self.tasks = tasks
         self.pending = {t: deque(EpisodeSpec(t, s, 0) for s in seeds) for t in tasks}
@@ -71,7 +71,7 @@ class _Lockstep:
         self.running = self.num_workers  # workers not yet exited
         self.asks: dict[int, dict | None] = {}  # worker -> its finished episode; it waits for the next spec
         self.given: dict[int, EpisodeSpec | None] = {}
-        self.prompts: dict[int, tuple[str, Observation, int]] = {}  # worker -> its parked request
+        self.prompts: dict[int, tuple[str, Any, int]] = {}  # worker -> its parked request
         self.answers: dict[int, str] = {}
         self.failure: BaseException | None = None
         self.episodes: list[dict] = []
@@ -81,16 +81,16 @@ class _Lockstep:
     # --- worker side -------------------------------------------------------------------------
 
     def work(self, w: int) -> None:
-        env: WebEnv | None = None
+        env: Session | None = None
         finished = None
         try:
             while (spec := self._next_episode(w, finished)) is not None:
                 if env is None or env.task != spec.task:
                     if env is not None:
                         env.close()
-                    env = WebEnv(spec.task, *self.browser)
+                    env = self.env.open(spec.task)
                 try:
-                    finished = _play(env, _Proxy(self, w), spec, [], self.sampling, self.max_steps[spec.task], self.policy_name)
+                    finished = _play(self.env, env, _Proxy(self, w), spec, [], self.sampling, self.max_steps[spec.task], self.policy_name)
                 except EnvCrashed as e:  # the next reset re-opens this browser
                     finished = _crashed(self.policy_name, spec, e)
         except _Aborted:
@@ -117,7 +117,7 @@ class _Lockstep:
                 raise _Aborted
             return self.given.pop(w)
 
-    def await_action(self, w: int, prompt: str, obs: Observation, seed: int) -> str:
+    def await_action(self, w: int, prompt: str, obs: Any, seed: int) -> str:
         with self.cond:
             self.prompts[w] = (prompt, obs, seed)
             self.cond.notify_all()
@@ -182,13 +182,12 @@ class _Lockstep:
 
 def run_lockstep(
     policy,
+    env: Environment,
     tasks: list[str],
     seeds: list[int],
     sampling: Sampling,
     max_steps: int | None = None,
     policy_name: str = "policy",
-    chrome_binary: str | None = None,
-    chromedriver: str | None = None,
     on_progress: Callable[[dict], None] | None = None,
     num_envs: int = DEFAULT_NUM_ENVS,
 ) -> list[dict]:
@@ -198,7 +197,7 @@ def run_lockstep(
         raise ValueError("lockstep plays greedy episodes only (temperature <= 0)")
     if num_envs < 1:
         raise ValueError("num_envs must be >= 1")
-    run = _Lockstep(policy, tasks, seeds, sampling, max_steps, policy_name, chrome_binary, chromedriver, on_progress, num_envs)
+    run = _Lockstep(policy, env, tasks, seeds, sampling, max_steps, policy_name, on_progress, num_envs)
     threads = [threading.Thread(target=run.work, args=(w,), name=f"lockstep-{w}", daemon=True) for w in range(run.num_workers)]
     for t in threads:
         t.start()

@@ -23,14 +23,15 @@ from dpo_driver.tracking import Tracker
 CARD_ARTIFACT_DIR = "model_card"
 
 INTENDED_USE = """\
-Acting as a web agent on the MiniWoB++ tasks it was trained and evaluated on: given the page as a
-numbered list of actionable elements and the task, answer one action line (`verb kind "text"`),
-which `dpo_driver.actions` parses and executes. Load it on its base model with PEFT
+Acting as an agent in the `{environment}` environment family, on the tasks it was trained and
+evaluated on: given the prompt the family renders for a state (for MiniWoB++, the page as a
+numbered list of actionable elements and the task), answer one action in the family's grammar,
+which the family parses and executes (`dpo_driver.environment.Environment.parse`). Load it on its base model with PEFT
 (`PeftModel.from_pretrained(base, adapter_dir)`); the pipeline's rollouts use the `champion` alias."""
 
 LIMITATIONS = """\
-- Evaluated only on the listed MiniWoB++ tasks and held-out seeds of those tasks; nothing is known
-  about other tasks, real websites or other observation formats.
+- Evaluated only on the listed tasks of the `{environment}` family and held-out seeds of those tasks;
+  nothing is known about other tasks, real websites, databases or tools, or other prompt formats.
 - Success rates come from a finite number of seeds: read them with their intervals. The decision
   compares against the policy this round started from, not against every earlier version.
 - Preference pairs come from the policy's own rollouts scored by the environment, so the adapter
@@ -54,14 +55,14 @@ def pair_counts(pairs_path: Path) -> dict[str, int]:
 def build_model_card(adapter_dir: Path, *, base_model: str, model_name: str, version: str | int, decision: str,
                      reason: str, report_markdown: str, pairs_by_task: dict[str, int], start_policy: str,
                      sft_examples: int | None = None, gates: dict[str, bool] | None = None,
-                     runs: dict[str, str] | None = None) -> ModelCard:
+                     runs: dict[str, str] | None = None, environment: str = "miniwob") -> ModelCard:
     """The card of `model_name` v`version`. `gates` maps check names to passed (None = not known);
     `runs` names the runs behind it ({"dpo": mlflow id, "dagster": run id, ...})."""
     lora = lora_config(adapter_dir)
     targets = lora.get("target_modules")
     targets = ", ".join(sorted(targets)) if isinstance(targets, list) else str(targets)
     data = ModelCardData(base_model=base_model, library_name="peft", pipeline_tag="text-generation",
-                         tags=["dpo", "lora", "trl", "peft", "miniwob", "web-agent"], model_name=f"{model_name} v{version}",
+                         tags=["dpo", "lora", "trl", "peft", environment, "agent"], model_name=f"{model_name} v{version}",
                          decision=decision)
     total = sum(pairs_by_task.values())
     by_task = ", ".join(f"{t} {n}" for t, n in pairs_by_task.items()) or "none"
@@ -71,8 +72,8 @@ def build_model_card(adapter_dir: Path, *, base_model: str, model_name: str, ver
     body = f"""
 # {model_name} v{version}
 
-LoRA adapter on **{base_model}** trained with environment-feedback DPO (TRL) on MiniWoB++ web tasks:
-pairs of a successful and a failed action from the same page state, scored by the environment.
+LoRA adapter on **{base_model}** trained with environment-feedback DPO (TRL) on `{environment}` tasks:
+pairs of a successful and a failed action from the same state, scored by the environment.
 
 ## Decision
 
@@ -101,11 +102,11 @@ pairs of a successful and a failed action from the same page state, scored by th
 
 ## Intended use
 
-{INTENDED_USE}
+{INTENDED_USE.format(environment=environment)}
 
 ## Limitations
 
-{LIMITATIONS}
+{LIMITATIONS.format(environment=environment)}
 
 ## Provenance
 

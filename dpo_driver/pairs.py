@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from dpo_driver.actions import parse_action
+from collections.abc import Callable
+
+from dpo_driver.environment import Parsed
 from dpo_driver.tasks import split_of
 
 PAIR_COLUMNS = [
@@ -92,8 +94,12 @@ def _training_episodes(episodes: list[dict]) -> list[dict]:
     return kept
 
 
-def build_preference_pairs(episodes: list[dict], params: PairParams, weights: ScoreWeights) -> pd.DataFrame:
-    """One row per pair (PAIR_COLUMNS), deduplicated, deterministic order."""
+def build_preference_pairs(episodes: list[dict], params: PairParams, weights: ScoreWeights,
+                           parse: Callable[[str], Parsed] | None = None) -> pd.DataFrame:
+    """One row per pair (PAIR_COLUMNS), deduplicated, deterministic order. `parse` is the family's
+    (Environment.parse); `params.rejected_must_parse` needs it."""
+    if params.rejected_must_parse and parse is None:
+        raise ValueError("rejected_must_parse needs the environment's parse function")
     by_state: dict[tuple[str, int], list[dict]] = {}
     kept = _training_episodes(episodes)
     for ep in kept:
@@ -116,7 +122,7 @@ def build_preference_pairs(episodes: list[dict], params: PairParams, weights: Sc
                 continue
             if taken.get(prompt, 0) >= params.max_pairs_per_prompt:
                 continue
-            if params.rejected_must_parse and parse_action(rejected) is None:
+            if params.rejected_must_parse and not parse(rejected).ok:
                 continue
             key = (prompt, chosen, rejected)
             if key in seen:
@@ -147,7 +153,7 @@ def to_dpo_records(pairs: pd.DataFrame) -> list[dict]:
     ]
 
 
-def to_kto_records(episodes: list[dict], rejected_must_parse: bool = True, shortest_only: bool = True) -> list[dict]:
+def to_kto_records(episodes: list[dict], parse: Callable[[str], Parsed] | None = None, shortest_only: bool = True) -> list[dict]:
     """Unpaired labels for KTO, one per distinct (prompt, completion): every step of a successful
     episode is desirable (with `shortest_only`, only where no success from that state took fewer
     steps); the *last* step of a failed one is undesirable (the action that ended or stalled it, so
@@ -167,7 +173,7 @@ def to_kto_records(episodes: list[dict], rejected_must_parse: bool = True, short
         elif ep["steps"]:
             last = ep["steps"][-1]
             out = last["output"].strip()
-            if rejected_must_parse and parse_action(out) is None:
+            if parse is not None and not parse(out).ok:
                 continue
             bad.setdefault((last["prompt"], out), ep)
     labelled = [(k, True, e) for k, e in good.items()] + [(k, False, e) for k, e in bad.items() if k not in good]

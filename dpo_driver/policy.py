@@ -6,8 +6,9 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from dpo_driver.actions import candidate_actions, verbs_for
-from dpo_driver.observation import Observation
+from typing import Any
+
+from dpo_driver.environment import Environment
 
 
 @dataclass
@@ -17,9 +18,10 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 24  # one action line is < 20 tokens
     batch_size: int = 16  # prompts per generate() call
-    # "sample": K i.i.d. samples per prompt. "verbs": the K samples split evenly over the verbs
-    # the page allows, each sample starting with its verb (see LMPolicy._propose_per_verb).
-    # "candidates": the "verbs" samples plus every action the page offers (actions.candidate_actions).
+    # "sample": K i.i.d. samples per prompt. "verbs": the K samples split evenly over the answer
+    # starts the state allows (Environment.prefixes: MiniWoB's verbs), each sample starting with its
+    # prefix (see LMPolicy._propose_per_verb). "candidates": the "verbs" samples plus every action
+    # the state offers (Environment.candidates).
     strategy: str = "sample"
 
     def __post_init__(self):
@@ -49,30 +51,34 @@ class GenerationStats:
 
 @dataclass
 class LMPolicy:
-    """A causal LM (optionally with a LoRA adapter) answering one action line per prompt."""
+    """A causal LM (optionally with a LoRA adapter) answering one action per prompt.
+
+    `env` (the family) serves exploring strategies: the answer starts to force and the candidate
+    actions of a state. Without it those strategies fall back to plain sampling."""
 
     model: object
     tokenizer: object
+    env: Environment | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
 
-    def propose(self, prompts: list[str], observations: list[Observation], num_samples: int, sampling: Sampling, seed: int) -> list[list[str]]:
+    def propose(self, prompts: list[str], observations: list[Any], num_samples: int, sampling: Sampling, seed: int) -> list[list[str]]:
         if sampling.explores and sampling.temperature > 0 and num_samples > 1:
             outs = self._propose_per_verb(prompts, observations, num_samples, sampling, seed)
             if sampling.strategy == "candidates":
-                outs = [o + with_candidates(obs) for o, obs in zip(outs, observations)]
+                outs = [o + (self.env.candidates(obs) if self.env else []) for o, obs in zip(outs, observations)]
             return outs
         greedy = sampling.temperature <= 0
         outs: list[list[str]] = []
         for i in range(0, len(prompts), sampling.batch_size):
             chunk = [self._chat(p) for p in prompts[i : i + sampling.batch_size]]
             per = 1 if greedy else num_samples
-            decoded = [first_line(t) for t in self._generate(chunk, per, sampling, seed + i)]
+            decoded = [self._answer(t) for t in self._generate(chunk, per, sampling, seed + i)]
             for j in range(len(chunk)):
                 answers = decoded[j * per : (j + 1) * per]
                 outs.append(answers * num_samples if greedy else answers)
         return outs
 
-    def _propose_per_verb(self, prompts: list[str], observations: list[Observation], k: int, sampling: Sampling, seed: int) -> list[list[str]]:
+    def _propose_per_verb(self, prompts: list[str], observations: list[Any], k: int, sampling: Sampling, seed: int) -> list[list[str]]:
         """K // (verbs the page allows) samples per verb, the verb forced as the answer's first word.
 
         Plain sampling finds a rare right verb only by luck (typing before Submit on enter-text:
@@ -84,15 +90,22 @@ class LMPolicy:
         outs: list[list[str]] = [[] for _ in prompts]
         groups: dict[int, list[tuple[int, str]]] = {}  # samples per verb -> (prompt index, verb)
         for j, obs in enumerate(observations):
-            verbs = _verbs(obs)
+            verbs = (self.env.prefixes(obs) if self.env else ()) or ("",)
             groups.setdefault(max(1, k // len(verbs)), []).extend((j, verb) for verb in verbs)
         for per, group in sorted(groups.items()):
             for i in range(0, len(group), sampling.batch_size):
                 chunk = group[i : i + sampling.batch_size]
                 decoded = self._generate([self._chat(prompts[j]) + verb for j, verb in chunk], per, sampling, seed + i)
                 for n, (j, verb) in enumerate(chunk):
-                    outs[j] += [first_line(verb + d) for d in decoded[n * per : (n + 1) * per]]
+                    outs[j] += [self._answer(verb + d) for d in decoded[n * per : (n + 1) * per]]
         return outs
+
+    def _answer(self, text: str) -> str:
+        """The answer in a continuation: its first line, or all of it for families whose answers span
+        lines (Environment.multiline_answers: tool use's "Thought: ... / Action: {...}")."""
+        if self.env is not None and self.env.multiline_answers:
+            return text.strip()
+        return first_line(text)
 
     def _chat(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -138,18 +151,6 @@ class LMPolicy:
                                    past_key_values=cache, **kwargs)
 
 
-def _verbs(obs: Observation) -> tuple[str, ...]:
-    """The verbs that can act on this page (actions.verbs_for): `type` needs a text field, `select` an option."""
-    return verbs_for(obs.elements)
-
-
-def with_candidates(obs: Observation) -> list[str]:
-    """Every action the page offers, rendered. Sampling from a policy that has never emitted the
-    right action (a zero-demo base model, or SFT on a task whose demos it did not fit) finds no
-    success to learn from; enumerating the page's actions does, and those successes become chosen."""
-    return [a.render() for a in candidate_actions(obs.utterance, obs.elements)]
-
-
 def first_line(text: str) -> str:
     text = text.strip()
     return text.splitlines()[0].strip() if text else ""
@@ -157,14 +158,15 @@ def first_line(text: str) -> str:
 
 @dataclass
 class RandomPolicy:
-    """A uniformly random action among those the page offers (actions.candidate_actions): the chance baseline."""
+    """A uniformly random action among those the state offers (Environment.candidates): the chance baseline."""
 
+    env: Environment
     stats: GenerationStats = field(default_factory=GenerationStats)
 
-    def propose(self, prompts, observations: list[Observation], num_samples: int, sampling: Sampling, seed: int) -> list[list[str]]:
+    def propose(self, prompts, observations: list[Any], num_samples: int, sampling: Sampling, seed: int) -> list[list[str]]:
         rng = random.Random(seed)
         outs = []
         for obs in observations:
-            actions = with_candidates(obs)
+            actions = self.env.candidates(obs)
             outs.append([rng.choice(actions) if actions else "" for _ in range(num_samples)])
         return outs

@@ -18,6 +18,7 @@ import math
 import re
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import great_expectations as gx
@@ -27,7 +28,6 @@ import pandas as pd
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.expectations.row_conditions import Column
 
-from dpo_driver.actions import ACTION_REGEX
 
 MAX_OFFENDING = 20  # rows per gate shown in the check's metadata; enough to debug, small in the UI
 # The schema this module relies on; dpo_driver.pairs may add columns (episode ids).
@@ -107,9 +107,12 @@ def run_pair_gates(
     thresholds: PairGateThresholds,
     eval_seeds: dict[str, list[int]],
     eval_prompts: list[str] | None,
+    action_regex: str,
 ) -> dict[str, GateResult]:
     """The count, margin, decontamination, format and duplicates gates on preference pairs.
 
+    `action_regex` is the family's grammar (Environment.action_regex): chosen (and rejected, with
+    `require_rejected_parses`) must match it whole.
     `eval_prompts` is the held-out pages' text for the n-gram check; `[]` says on purpose that no
     task's pages can be told apart by text (every task exempt), leaving the seed check alone."""
     _require_frame(pairs, "pairs")
@@ -120,7 +123,7 @@ def run_pair_gates(
     view = _pair_view(pairs, thresholds, eval_seeds, eval_prompts)
     runner = _Runner(view)  # one context and batch shared by the five gates: contexts cost
     results = {"count": _count_gate, "margin": _margin_gate, "decontamination": _decontamination_gate,
-               "format": _format_gate, "duplicates": _duplicates_gate}
+               "format": partial(_format_gate, action_regex=action_regex), "duplicates": _duplicates_gate}
     results = {name: gate(runner, view, thresholds) for name, gate in results.items()}
     results["decontamination"].metadata |= {"n_eval_seeds": sum(len(s) for s in eval_seeds.values()),
                                             "n_eval_prompts": len(eval_prompts)}
@@ -162,7 +165,7 @@ def _decontamination_gate(runner: _Runner, view: pd.DataFrame, t: PairGateThresh
     })
 
 
-def _format_gate(runner: _Runner, view: pd.DataFrame, t: PairGateThresholds) -> GateResult:
+def _format_gate(runner: _Runner, view: pd.DataFrame, t: PairGateThresholds, action_regex: str) -> GateResult:
     must_parse = ("chosen", "rejected") if t.require_rejected_parses else ("chosen",)
     return runner.gate("format", [
         *[gxe.ExpectColumnToExist(column=c) for c in REQUIRED_PAIR_COLUMNS],
@@ -174,9 +177,17 @@ def _format_gate(runner: _Runner, view: pd.DataFrame, t: PairGateThresholds) -> 
           for c in ("chosen", "rejected")],
         # GE has no "column A != column B" for strings, so the comparison is derived.
         gxe.ExpectColumnValuesToBeInSet(column="chosen_equals_rejected", value_set=[False]),
-        *[gxe.ExpectColumnValuesToMatchRegex(column=c, regex=ACTION_REGEX) for c in must_parse],
+        *[gxe.ExpectColumnValuesToMatchRegex(column=c, regex=_full_match(action_regex)) for c in must_parse],
     ], {"max_prompt_chars": t.max_prompt_chars, "max_completion_chars": t.max_completion_chars,
         "require_rejected_parses": t.require_rejected_parses})
+
+
+def _full_match(regex: str) -> str:
+    """`regex` anchored at both ends: GE's regex expectation searches (str.contains), families
+    state their grammar as a whole-answer match. Leading inline flags such as `(?s)` stay in front."""
+    flags = re.match(r"\(\?[a-zA-Z]+\)", regex)
+    lead = flags.group(0) if flags else ""
+    return f"{lead}^(?:{regex[len(lead):]})$"
 
 
 def _duplicates_gate(runner: _Runner, view: pd.DataFrame, t: PairGateThresholds) -> GateResult:
@@ -332,7 +343,7 @@ class _Runner:
             expectation.meta = {"order": i}  # suite results come back unordered
             suite.add_expectation(expectation)
         with warnings.catch_warnings():
-            # GE's regex metric calls str.contains with ACTION_REGEX, whose capture groups make
+            # GE's regex metric calls str.contains with the family's action regex, whose capture groups make
             # pandas warn that they are unused; the match itself is what we want.
             warnings.filterwarnings("ignore", "This pattern is interpreted as a regular expression")
             validated = self._batch.validate(suite, result_format=_RESULT_FORMAT)

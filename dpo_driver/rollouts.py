@@ -1,22 +1,21 @@
-"""Run a policy in real MiniWoB++ episodes and record every step.
+"""Run a policy in an environment family's episodes and record every step.
 
 Per task, the first observation of every seed is collected first and the K samples for all
 of them come from batched generate() calls (one prefill per prompt, K continuations); the
-episodes are then replayed from a fresh reset of the same seed. MiniWoB pages are
-deterministic per seed, so the replayed page is the one the samples were drawn for.
+episodes are then replayed from a fresh reset of the same seed. Items are deterministic per
+seed (MiniWoB pages, generated tool-use and SQL items), so the replayed state is the one the
+samples were drawn for.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
+from typing import Any
 
-from dpo_driver.actions import parse_action
-from dpo_driver.env import EnvCrashed, WebEnv
-from dpo_driver.observation import render_prompt
+from dpo_driver.environment import EnvCrashed, Environment, Session
 from dpo_driver.policy import Sampling
-from dpo_driver.tasks import max_steps_for
 
 MAX_CONSECUTIVE_CRASHES = 3
 # Browsers stepped together in greedy evaluation; 0 = the one-browser loop. Lockstep episodes wait
@@ -37,30 +36,25 @@ def _record(policy_name: str, spec: EpisodeSpec, **fields) -> dict:
             "task": spec.task, "seed": spec.seed, "sample": spec.sample, **fields}
 
 
-def _play(env: WebEnv, policy, spec: EpisodeSpec, forced: list[str], sampling: Sampling, max_steps: int, policy_name: str,
-          **extra) -> dict:
-    """Reset the seed and act: the outputs in `forced` first (a replayed prefix, then the proposed
-    action), the policy after them."""
+def _episode(env: Environment, session: Session, spec: EpisodeSpec, forced: list[str], max_steps: int, policy_name: str,
+             **extra) -> Generator[tuple[str, Any, int], str, dict]:
+    """One episode as a generator: reset the seed and act, the outputs in `forced` first (a replayed
+    prefix, then the proposed action); after them it yields (prompt, observation, sampling seed) and
+    is sent the policy's output. Returns the episode record. _play drives one; batched.py many."""
     t0 = time.perf_counter()
-    obs, _ = env.reset(spec.seed)
-    history: list[str] = []
+    obs, prompt = session.reset(spec.seed)
     steps: list[dict] = []
     result = None
     for step in range(max_steps):
-        if step < len(forced):
-            output = forced[step]
-        else:
-            output = policy.propose([render_prompt(obs, history)], [obs], 1, sampling, seed=spec.seed * 131 + spec.sample * 7 + step)[0][0]
-        prompt = render_prompt(obs, history)
-        action = parse_action(output)
+        output = forced[step] if step < len(forced) else (yield prompt, obs, spec.seed * 131 + spec.sample * 7 + step)
         ts = time.perf_counter()
-        result = env.step(action)
+        result = session.step(output)
         steps.append(
             {
                 "step": step,
                 "prompt": prompt,
                 "output": output,
-                "action": action.render() if action else None,
+                "action": env.parse(output).action,
                 "valid": result.valid,
                 "reward": result.reward,
                 "done": result.done,
@@ -69,14 +63,13 @@ def _play(env: WebEnv, policy, spec: EpisodeSpec, forced: list[str], sampling: S
         )
         if result.done:
             break
-        history.append(action.render())
-        obs = result.observation
+        obs, prompt = result.observation, result.prompt
     done = bool(result and result.done)
     return _record(
         policy_name, spec,
-        success=bool(done and result.raw_reward >= 1.0),
+        success=bool(done and result.success),
         reward=float(result.reward) if done else 0.0,
-        raw_reward=float(result.raw_reward) if done else 0.0,
+        raw_reward=float(result.info.get("raw_reward", result.reward)) if done else 0.0,
         truncated=not done,
         invalid=any(not s["valid"] for s in steps),
         env_error=False,
@@ -86,6 +79,18 @@ def _play(env: WebEnv, policy, spec: EpisodeSpec, forced: list[str], sampling: S
         wall_seconds=round(time.perf_counter() - t0, 4),
         **extra,
     )
+
+
+def _play(env: Environment, session: Session, policy, spec: EpisodeSpec, forced: list[str], sampling: Sampling, max_steps: int,
+          policy_name: str, **extra) -> dict:
+    """One episode, the policy asked one prompt at a time."""
+    episode = _episode(env, session, spec, forced, max_steps, policy_name, **extra)
+    try:
+        prompt, obs, seed = next(episode)
+        while True:
+            prompt, obs, seed = episode.send(policy.propose([prompt], [obs], 1, sampling, seed=seed)[0][0])
+    except StopIteration as end:
+        return end.value
 
 
 def _crashed(policy_name: str, spec: EpisodeSpec, err: Exception) -> dict:
@@ -104,25 +109,26 @@ def _distinct(outputs: list[str]) -> list[str]:
 
 def run_episodes(
     policy,
+    env: Environment,
     tasks: list[str],
     seeds: list[int],
     samples_per_seed: int,
     sampling: Sampling,
     max_steps: int | None = None,
     policy_name: str = "policy",
-    chrome_binary: str | None = None,
-    chromedriver: str | None = None,
     on_progress: Callable[[dict], None] | None = None,
-    num_envs: int = DEFAULT_NUM_ENVS,
+    num_envs: int | None = None,
 ) -> list[dict]:
     """K episodes per (task, seed); returns one record per episode, steps included.
 
     `max_steps` cuts every episode off after that many steps; None (or 0) = each task's own limit
-    (tasks.max_steps_for: the expert's longest episode plus slack).
+    (env.max_steps: MiniWoB's is the expert's longest episode plus slack).
 
-    With `num_envs` > 0, greedy evaluation (temperature <= 0, one sample per seed) runs on that
-    many browsers in lockstep, one batched generate per step (lockstep.py, which says why 0, the
-    one-browser loop below, is the default; benchmarks/throughput.py compares the two).
+    `num_envs` None = the family's `batch_sessions`: families without a browser play that many
+    episodes at once, one batched generate per step (batched.py); MiniWoB (0) plays one at a time.
+    With `num_envs` > 0 on MiniWoB, greedy evaluation (temperature <= 0, one sample per seed) runs on
+    that many browsers in lockstep (lockstep.py, which says why 0, the one-browser loop below, is
+    the default; benchmarks/throughput.py compares the two).
 
     With an exploring strategy ("verbs", "candidates") the K first actions are sampled per verb (see
     LMPolicy._propose_per_verb), each distinct one played out greedily; then every later state of
@@ -132,25 +138,31 @@ def run_episodes(
     """
     if samples_per_seed < 1:
         raise ValueError("samples_per_seed must be >= 1")
+    if num_envs is None:
+        num_envs = env.batch_sessions or DEFAULT_NUM_ENVS
+    if num_envs and env.batch_sessions:
+        from dpo_driver.batched import run_batched  # imported here: batched builds on this module's _episode
+
+        return run_batched(policy, env, tasks, seeds, samples_per_seed, sampling, max_steps, policy_name, num_envs, on_progress)
     if num_envs and sampling.temperature <= 0 and samples_per_seed == 1:
         from dpo_driver.lockstep import run_lockstep  # imported here: lockstep builds on this module's _play
 
-        return run_lockstep(policy, tasks, seeds, sampling, max_steps, policy_name, chrome_binary, chromedriver, on_progress, num_envs)
+        return run_lockstep(policy, env, tasks, seeds, sampling, max_steps, policy_name, on_progress, num_envs)
     branching = sampling.explores
     after_first = replace(sampling, temperature=0.0, strategy="sample") if branching else sampling
     episodes: list[dict] = []
     total = len(tasks) * len(seeds) * samples_per_seed
     t_start = time.perf_counter()
     for task in tasks:
-        with WebEnv(task, chrome_binary, chromedriver) as env:
+        with env.open(task) as session:
             crashes = 0
 
-            task_steps = max_steps or max_steps_for(task)
+            task_steps = max_steps or env.max_steps(task)
 
             def play(spec: EpisodeSpec, forced: list[str], **extra) -> dict:
                 nonlocal crashes
                 try:
-                    ep = _play(env, policy, spec, forced, after_first, task_steps, policy_name, **extra)
+                    ep = _play(env, session, policy, spec, forced, after_first, task_steps, policy_name, **extra)
                     crashes = 0
                 except EnvCrashed as e:
                     crashes += 1
@@ -168,7 +180,7 @@ def run_episodes(
             observations, prompts, live_seeds = [], [], []
             for seed in seeds:
                 try:
-                    obs, _ = env.reset(seed)
+                    obs, prompt = session.reset(seed)
                 except EnvCrashed as e:
                     crashes += 1
                     if crashes >= MAX_CONSECUTIVE_CRASHES:
@@ -177,17 +189,17 @@ def run_episodes(
                     continue
                 crashes = 0
                 observations.append(obs)
-                prompts.append(render_prompt(obs))
+                prompts.append(prompt)
                 live_seeds.append(seed)
             firsts = policy.propose(prompts, observations, samples_per_seed, sampling, seed=live_seeds[0] if live_seeds else 0)
             for seed, outs in zip(live_seeds, firsts):
                 roots = [play(EpisodeSpec(task, seed, k), [out]) for k, out in enumerate(_distinct(outs) if branching else outs)]
                 if branching:
-                    _branch_successes(env, policy, roots, play, task, seed, samples_per_seed, sampling)
+                    _branch_successes(session, policy, roots, play, seed, samples_per_seed, sampling)
     return episodes
 
 
-def _branch_successes(env: WebEnv, policy, roots: list[dict], play, task: str, seed: int, k: int, sampling: Sampling) -> None:
+def _branch_successes(session: Session, policy, roots: list[dict], play, seed: int, k: int, sampling: Sampling) -> None:
     """Branch K distinct actions at every later state of each shortest successful episode
     (fewest steps first).
 
@@ -210,33 +222,32 @@ def _branch_successes(env: WebEnv, policy, roots: list[dict], play, task: str, s
             branched.add(prompt)
             prefix = [s["output"] for s in ep["steps"][:t]]
             try:
-                obs = _replay(env, seed, prefix)
+                obs = _replay(session, seed, prefix)
             except EnvCrashed:
                 continue  # the next play() call re-opens the browser and counts crashes
             taken = ep["steps"][t]["output"].strip()
             for out in _distinct(policy.propose([prompt], [obs], k, sampling, seed=seed * 131 + t)[0]):
                 if out.strip() == taken:
                     continue  # that branch is `ep` itself
-                child = play(EpisodeSpec(task, seed, sample), prefix + [out], branch_of=ep["episode_id"], branch_step=t)
+                child = play(EpisodeSpec(session.task, seed, sample), prefix + [out], branch_of=ep["episode_id"], branch_step=t)
                 sample += 1
                 if child["success"]:
                     shortest = min(shortest, child["num_steps"])
                     queue.append(child)
 
 
-def _replay(env: WebEnv, seed: int, outputs: list[str]):
-    obs, _ = env.reset(seed)
+def _replay(session: Session, seed: int, outputs: list[str]):
+    obs, _ = session.reset(seed)
     for out in outputs:
-        obs = env.step(parse_action(out)).observation
+        obs = session.step(out).observation
     return obs
 
 
-def first_prompts(tasks: list[str], seeds: list[int], chrome_binary: str | None = None, chromedriver: str | None = None) -> dict[tuple[str, int], str]:
+def first_prompts(env: Environment, tasks: list[str], seeds: list[int]) -> dict[tuple[str, int], str]:
     """The step-0 prompt of every (task, seed): what decontamination compares training pairs against."""
     prompts = {}
     for task in tasks:
-        with WebEnv(task, chrome_binary, chromedriver) as env:
+        with env.open(task) as session:
             for seed in seeds:
-                obs, _ = env.reset(seed)
-                prompts[(task, seed)] = render_prompt(obs)
+                prompts[(task, seed)] = session.reset(seed)[1]
     return prompts

@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from dpo_driver.actions import parse_action
+from collections.abc import Callable
+
+from dpo_driver.environment import Parsed
 from dpo_driver.policy import Sampling
 from dpo_driver.tasks import BAND, seeds_for
 
@@ -55,8 +57,10 @@ class ValidationResult:
         )
 
 
-def validate_policy(policy, records: list[dict], max_new_tokens: int = 24, batch_size: int = 16) -> ValidationResult:
-    """Greedy answers of `policy` to the prompts of expert demo `records` (demos.sft_record format)."""
+def validate_policy(policy, records: list[dict], parse: Callable[[str], Parsed], max_new_tokens: int = 24,
+                    batch_size: int = 16) -> ValidationResult:
+    """Greedy answers of `policy` to the prompts of expert demo `records` (demos.sft_record format);
+    `parse` is the family's (Environment.parse): an answer is valid when it parses."""
     prompts = [r["prompt"][0]["content"] for r in records]
     expected = [r["completion"][0]["content"].strip() for r in records]
     greedy = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -64,7 +68,7 @@ def validate_policy(policy, records: list[dict], max_new_tokens: int = 24, batch
     per: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     examples = []
     for r, want, got in zip(records, expected, answers):
-        valid, match = parse_action(got) is not None, got == want
+        valid, match = parse(got).ok, got == want
         per[r.get("task", "?")].append((valid, match))
         if not match and len(examples) < 10:
             examples.append({"task": r.get("task"), "seed": r.get("seed"), "step": r.get("step"), "expert": want, "policy": got})

@@ -1,19 +1,20 @@
 import dagster as dg
 
-from dpo_driver.tasks import DEFAULT_TASKS, SeedPlan, check_tasks
+from dpo_driver.environment import Environment
+from dpo_driver.tasks import SeedPlan
 
 
 class TaskSuite(dg.ConfigurableResource):
-    """The MiniWoB++ tasks and how many seeds each split gets (the splits are disjoint by construction)."""
+    """The tasks and how many seeds (items) each split gets (the splits are disjoint by construction)."""
 
-    tasks: list[str] = list(DEFAULT_TASKS)
+    tasks: list[str] = []  # empty = the environment family's default suite
     demo_seeds: int = 10  # golden demos per task (expert episodes)
     rollout_seeds: int = 50  # training seeds per task the policy acts on
     eval_seeds: int = 50  # held-out seeds per task for evaluation
     validation_seeds: int = 10  # expert episodes per task on a validation slice of the demo band: the SFT gate's states
 
-    def task_list(self) -> list[str]:
-        return check_tasks(self.tasks)
+    def task_list(self, env: Environment) -> list[str]:
+        return env.suite(self.tasks)
 
     def plan(self) -> SeedPlan:
         return SeedPlan.build(self.demo_seeds, self.rollout_seeds, self.eval_seeds)

@@ -35,3 +35,11 @@ def audit_log(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "audit" / "audit.jsonl"
     monkeypatch.setenv("DPO_AUDIT_LOG", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def miniwob():
+    """The MiniWoB++ family (real Chromium); sessions it opens start their own browsers."""
+    from dpo_driver.families.miniwob import MiniWoB
+
+    return MiniWoB()

@@ -7,7 +7,7 @@ import pytest
 
 from dpo_assets import definitions
 from dpo_assets.sft import sft_adapter
-from resources import ArtifactStore, PolicyModel, TaskSuite, WebEnvironment
+from resources import ArtifactStore, EnvironmentResource, PolicyModel, TaskSuite
 
 
 @pytest.fixture
@@ -62,5 +62,5 @@ def test_unknown_model_that_is_not_a_path(home):
 
 
 def test_missing_chromium(home):
-    msg = materialize_sft(home, web_env=WebEnvironment(chrome_binary=str(home / "no-chromium")))
+    msg = materialize_sft(home, environment=EnvironmentResource(options={"chrome_binary": str(home / "no-chromium")}))
     assert "Chromium not found" in msg and "apt-get install -y chromium chromium-driver" in msg

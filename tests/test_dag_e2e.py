@@ -17,7 +17,7 @@ from dpo_assets.schedules import improvement_run_config
 from dpo_driver.actions import parse_action
 from dpo_driver.tasks import split_of
 from dpo_driver.registry import MODEL_NAME, promote
-from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
+from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, EnvironmentResource
 from resources.home import init_home
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def run(tmp_path_factory):
     resources = {
         "policy_model": PolicyModel(cache_dir=str(home / "models")),
         "task_suite": TaskSuite(),
-        "web_env": WebEnvironment(),
+        "environment": EnvironmentResource(),
         "artifact_store": ArtifactStore(root=str(home / "artifacts")),
         "tracker": MLflowTracker(),  # the embedded default: SQLite + artifacts under $DPO_HOME
         "trainer": TrainingLauncher(),  # the embedded default: a Pipes subprocess

@@ -8,7 +8,7 @@ from dpo_driver.policy import RandomPolicy, Sampling
 from dpo_driver.tasks import seeds_for
 
 
-def test_killed_chromedriver_is_flagged_and_the_next_episode_runs(monkeypatch):
+def test_killed_chromedriver_is_flagged_and_the_next_episode_runs(monkeypatch, miniwob):
     seeds = seeds_for("rollout", 3)
     calls = {"n": 0}
     real_reset = WebEnv.reset
@@ -21,20 +21,20 @@ def test_killed_chromedriver_is_flagged_and_the_next_episode_runs(monkeypatch):
         return out
 
     monkeypatch.setattr(WebEnv, "reset", reset_then_kill_once)
-    eps = rollouts.run_episodes(RandomPolicy(), ["click-button"], seeds, 1, Sampling(), max_steps=2, policy_name="random")
+    eps = rollouts.run_episodes(RandomPolicy(miniwob), miniwob, ["click-button"], seeds, 1, Sampling(), max_steps=2, policy_name="random")
     assert [e["env_error"] for e in eps] == [False, True, False]
     crashed = eps[1]
     assert crashed["reward"] is None and crashed["steps"] == [] and "browser failed" in crashed["error"]
     assert eps[2]["num_steps"] >= 1 and eps[2]["reward"] is not None  # a fresh browser took over
 
 
-def test_a_browser_that_keeps_crashing_stops_the_run(monkeypatch):
+def test_a_browser_that_keeps_crashing_stops_the_run(monkeypatch, miniwob):
     def always_crash(self, action):
         raise EnvCrashed("browser failed on step: simulated")
 
     monkeypatch.setattr(WebEnv, "step", always_crash)
     with pytest.raises(EnvCrashed, match="crashed 3 times in a row"):
-        rollouts.run_episodes(RandomPolicy(), ["click-button"], seeds_for("rollout", 4), 1, Sampling(), max_steps=2)
+        rollouts.run_episodes(RandomPolicy(miniwob), miniwob, ["click-button"], seeds_for("rollout", 4), 1, Sampling(), max_steps=2)
 
 
 def _alive(procs) -> list:

@@ -23,15 +23,15 @@ class SubmitFirst:
         return outs
 
 
-def test_eto_pairs_put_the_experts_action_against_the_first_divergent_failure():
+def test_eto_pairs_put_the_experts_action_against_the_first_divergent_failure(miniwob):
     seeds = seeds_for("rollout", 2)
     greedy = Sampling(temperature=0.0)
-    eps = run_episodes(SubmitFirst(False), ["enter-text"], seeds, 1, greedy, max_steps=3, num_envs=0) + \
-        run_episodes(SubmitFirst(True), ["enter-text"], seeds, 1, greedy, max_steps=3, num_envs=0, policy_name="typo")
+    eps = run_episodes(SubmitFirst(False), miniwob, ["enter-text"], seeds, 1, greedy, max_steps=3, num_envs=0) + \
+        run_episodes(SubmitFirst(True), miniwob, ["enter-text"], seeds, 1, greedy, max_steps=3, num_envs=0, policy_name="typo")
     assert not any(e["success"] for e in eps)
-    paths = expert_paths({"enter-text": seeds})
+    paths = expert_paths(miniwob, {"enter-text": seeds})
     assert set(paths) == {("enter-text", s) for s in seeds}
-    pairs = build_eto_pairs(eps, paths)
+    pairs = build_eto_pairs(eps, paths, miniwob.parse)
     assert len(pairs) == 2 * len(seeds)
     for _, p in pairs.iterrows():
         assert p["step"] == 0 and p["chosen"].startswith('type textbox "') and p["chosen"] != p["rejected"]

@@ -8,7 +8,7 @@ from dpo_driver.demos import play_expert
 from dpo_driver.env import WebEnv
 from dpo_driver.experts import EXPERTS
 from dpo_driver.observation import Element, parse_observation
-from dpo_driver.tasks import DEFAULT_TASKS, SUPPORTED_TASKS, max_steps_for
+from dpo_driver.families.miniwob import DEFAULT_TASKS, SUPPORTED_TASKS, MiniWoBSession, max_steps_for
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -132,14 +132,15 @@ def test_expert_solves_demo_seeds(task):
     """Each supported expert solves demo seeds 0-1 within the task's step limit; every action it
     takes (bar typing text the task does not quote) is one candidate_actions offers; the default
     tasks' prompts and answers are exactly the published ones."""
-    with WebEnv(task) as env:
+    with MiniWoBSession(task, None, None) as session:
         for seed in (0, 1):
-            episode = play_expert(env, seed, max_steps_for(task))
+            episode = play_expert(session, seed, max_steps_for(task))
             assert episode.solved, f"{task} seed {seed}: {episode.failure}"
             steps = [(r["prompt"][0]["content"], r["completion"][0]["content"]) for r in episode.records]
             if task in DEFAULT_TASKS:
                 assert steps == GOLDEN[(task, seed)]
-            for obs, action in episode.steps:
+            for obs, answer in episode.steps:
+                action = parse_action(answer)
                 if action.verb == "type" and f'"{action.text}"' not in obs.utterance:
                     continue  # e.g. enter-text-2 types the quoted word in upper case: no page offers that
                 assert action in candidate_actions(obs.utterance, obs.elements), (task, seed, action)

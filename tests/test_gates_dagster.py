@@ -15,6 +15,7 @@ from dpo_assets.dpo import dpo_adapter
 from dpo_driver.model import resolve_model
 from dpo_driver.pairs import PAIR_COLUMNS, pair_id
 from dpo_driver.rollouts import first_prompts
+from dpo_driver.families.miniwob import MiniWoB
 from dpo_driver.tasks import seeds_for
 from dpo_driver.training import SFTParams, train_sft
 from resources import ArtifactStore, MLflowTracker, TaskSuite
@@ -58,7 +59,7 @@ def sft_value(home):
 
 @pytest.fixture(scope="module")
 def eval_prompt():
-    return first_prompts(["click-button"], list(SUITE.plan().eval))[("click-button", SUITE.plan().eval[0])]
+    return first_prompts(MiniWoB(), ["click-button"], list(SUITE.plan().eval))[("click-button", SUITE.plan().eval[0])]
 
 
 def run_with(pairs: pd.DataFrame, sft_value: dict, home, **gate_config):

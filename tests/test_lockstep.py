@@ -43,34 +43,34 @@ def _played(eps: list[dict]) -> list[tuple]:
              [(s["prompt"], s["output"], s["action"], s["valid"], s["done"]) for s in e["steps"]]) for e in eps]
 
 
-def test_lockstep_plays_the_same_episodes_as_the_sequential_loop():
+def test_lockstep_plays_the_same_episodes_as_the_sequential_loop(miniwob):
     tasks, seeds = ["click-button", "enter-text"], seeds_for("eval", 4)
-    sequential = run_episodes(HashPolicy(), tasks, seeds, 1, GREEDY, max_steps=3, policy_name="p", num_envs=0)
+    sequential = run_episodes(HashPolicy(), miniwob, tasks, seeds, 1, GREEDY, max_steps=3, policy_name="p", num_envs=0)
     policy = HashPolicy()
-    batched = run_episodes(policy, tasks, seeds, 1, GREEDY, max_steps=3, policy_name="p", num_envs=3)
+    batched = run_episodes(policy, miniwob, tasks, seeds, 1, GREEDY, max_steps=3, policy_name="p", num_envs=3)
     assert _played(batched) == _played(sequential)
     assert any(e["num_steps"] > 1 for e in batched) and any(e["success"] for e in batched)
     assert max(policy.batches) == 3  # the three browsers' prompts went out together
     # One browser serving both tasks in turn (it moves on once its task is used up): the same again.
-    assert _played(run_episodes(HashPolicy(), tasks, seeds, 1, GREEDY, max_steps=3, policy_name="p", num_envs=1)) == _played(sequential)
+    assert _played(run_episodes(HashPolicy(), miniwob, tasks, seeds, 1, GREEDY, max_steps=3, policy_name="p", num_envs=1)) == _played(sequential)
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
+def tiny_lm(tmp_path_factory, miniwob):
     model, tokenizer = load_policy(resolve_model("tiny-random", tmp_path_factory.mktemp("models")))
-    return LMPolicy(model, tokenizer)
+    return LMPolicy(model, tokenizer, miniwob)
 
 
-def test_lockstep_with_a_real_lm_matches_the_sequential_loop(tiny_lm):
+def test_lockstep_with_a_real_lm_matches_the_sequential_loop(tiny_lm, miniwob):
     tasks, seeds = ["click-button"], seeds_for("eval", 6)
-    sequential = run_episodes(tiny_lm, tasks, seeds, 1, GREEDY, max_steps=2, policy_name="lm", num_envs=0)
+    sequential = run_episodes(tiny_lm, miniwob, tasks, seeds, 1, GREEDY, max_steps=2, policy_name="lm", num_envs=0)
     calls = tiny_lm.stats.calls
-    batched = run_episodes(tiny_lm, tasks, seeds, 1, GREEDY, max_steps=2, policy_name="lm", num_envs=4)
+    batched = run_episodes(tiny_lm, miniwob, tasks, seeds, 1, GREEDY, max_steps=2, policy_name="lm", num_envs=4)
     assert _played(batched) == _played(sequential)
     assert tiny_lm.stats.calls - calls <= 2 * max(e["num_steps"] for e in batched)  # ~one generate per lockstep step
 
 
-def test_a_killed_browser_fails_only_its_episode(monkeypatch):
+def test_a_killed_browser_fails_only_its_episode(monkeypatch, miniwob):
     tasks, seeds = ["click-button"], seeds_for("eval", 5)
     victim = seeds[1]
     real_reset = WebEnv.reset
@@ -86,7 +86,7 @@ def test_a_killed_browser_fails_only_its_episode(monkeypatch):
         return out
 
     monkeypatch.setattr(WebEnv, "reset", reset_then_kill)
-    eps = run_episodes(HashPolicy(), tasks, seeds, 1, GREEDY, max_steps=2, policy_name="p", num_envs=2)
+    eps = run_episodes(HashPolicy(), miniwob, tasks, seeds, 1, GREEDY, max_steps=2, policy_name="p", num_envs=2)
     assert [e["seed"] for e in eps] == seeds
     assert [e["env_error"] for e in eps] == [s == victim for s in seeds]
     crashed = eps[1]
@@ -94,7 +94,7 @@ def test_a_killed_browser_fails_only_its_episode(monkeypatch):
     assert all(e["num_steps"] >= 1 and e["reward"] is not None for e in eps if e["seed"] != victim)
 
 
-def test_every_browser_is_closed_when_the_policy_fails(monkeypatch):
+def test_every_browser_is_closed_when_the_policy_fails(monkeypatch, miniwob):
     opened: list[WebEnv] = []
     real_init = WebEnv.__init__
 
@@ -110,5 +110,5 @@ def test_every_browser_is_closed_when_the_policy_fails(monkeypatch):
 
     monkeypatch.setattr(WebEnv, "__init__", track)
     with pytest.raises(RuntimeError, match="generation failed"):
-        lockstep.run_lockstep(Broken(), ["click-button"], seeds_for("eval", 6), GREEDY, max_steps=2, num_envs=3)
+        lockstep.run_lockstep(Broken(), miniwob, ["click-button"], seeds_for("eval", 6), GREEDY, max_steps=2, num_envs=3)
     assert len(opened) == 3 and all(env._env is None for env in opened)

@@ -2,7 +2,10 @@ import pandas as pd
 import pytest
 
 from dpo_driver.pairs import PAIR_COLUMNS, PairParams, ScoreWeights, build_preference_pairs, pair_yield, score_episode, to_dpo_records, to_kto_records
+from dpo_driver.families.miniwob import MiniWoB
 from dpo_driver.tasks import BAND
+
+PARSE = MiniWoB.parse
 
 SEED = BAND + 7  # a rollout-band seed
 
@@ -29,7 +32,7 @@ def test_score_prefers_success_then_efficiency():
 def test_pair_at_first_divergent_step_of_a_multistep_task():
     good = ep(0, True, ['type textbox "Myron"', 'click button "Submit"'], prompts=["P0", "P1"])
     bad = ep(1, False, ['type textbox "Myron"', 'click textbox "Myron"'], prompts=["P0", "P1"])
-    pairs = build_preference_pairs([good, bad], PairParams(), W)
+    pairs = build_preference_pairs([good, bad], PairParams(), W, parse=PARSE)
     assert list(pairs.columns) == PAIR_COLUMNS
     row = pairs.iloc[0]
     assert (row.step, row.prompt, row.chosen, row.rejected) == (1, "P1", 'click button "Submit"', 'click textbox "Myron"')
@@ -39,37 +42,37 @@ def test_pair_at_first_divergent_step_of_a_multistep_task():
 def test_no_pair_without_both_outcomes_or_from_crashes():
     wins = [ep(i, True, ['click button "a"']) for i in range(3)]
     crash = ep(9, False, ['click button "b"'], env_error=True)
-    assert build_preference_pairs(wins + [crash], PairParams(), W).empty
+    assert build_preference_pairs(wins + [crash], PairParams(), W, parse=PARSE).empty
 
 
 def test_margin_filter_and_malformed_rejected():
     good = ep(0, True, ['click button "a"'], reward=0.0)
     bad = ep(1, False, ['click button "b"'], reward=0.0)
-    assert len(build_preference_pairs([good, bad], PairParams(min_margin=0.5), W)) == 1
-    assert build_preference_pairs([good, bad], PairParams(min_margin=5.0), W).empty
+    assert len(build_preference_pairs([good, bad], PairParams(min_margin=0.5), W, parse=PARSE)) == 1
+    assert build_preference_pairs([good, bad], PairParams(min_margin=5.0), W, parse=PARSE).empty
     garbage = ep(2, False, ["I think the answer is a"], invalid=True)
-    assert build_preference_pairs([good, garbage], PairParams(rejected_must_parse=True), W).empty
-    assert len(build_preference_pairs([good, garbage], PairParams(rejected_must_parse=False), W)) == 1
+    assert build_preference_pairs([good, garbage], PairParams(rejected_must_parse=True), W, parse=PARSE).empty
+    assert len(build_preference_pairs([good, garbage], PairParams(rejected_must_parse=False), W, parse=PARSE)) == 1
 
 
 def test_dedup_and_cap_per_prompt():
     good = [ep(i, True, ['click button "a"']) for i in range(3)]
     bad = [ep(10 + i, False, ['click button "b"']) for i in range(3)] + [ep(20, False, ['click button "c"'])]
-    pairs = build_preference_pairs(good + bad, PairParams(max_pairs_per_prompt=5), W)
+    pairs = build_preference_pairs(good + bad, PairParams(max_pairs_per_prompt=5), W, parse=PARSE)
     assert sorted(pairs["rejected"]) == ['click button "b"', 'click button "c"']  # 9 identical triples collapse to one
     assert pairs["pair_id"].is_unique
-    assert len(build_preference_pairs(good + bad, PairParams(max_pairs_per_prompt=1), W)) == 1
+    assert len(build_preference_pairs(good + bad, PairParams(max_pairs_per_prompt=1), W, parse=PARSE)) == 1
 
 
 def test_refuses_evaluation_seeds():
     with pytest.raises(ValueError, match="evaluation seed"):
-        build_preference_pairs([ep(0, True, ['click button "a"'], seed=2 * BAND + 1)], PairParams(), W)
+        build_preference_pairs([ep(0, True, ['click button "a"'], seed=2 * BAND + 1)], PairParams(), W, parse=PARSE)
 
 
 def test_deterministic_and_trl_format():
     eps = [ep(0, True, ['click button "a"']), ep(1, False, ['click button "b"']), ep(2, False, ['click button "c"'])]
-    a = build_preference_pairs(eps, PairParams(), W)
-    b = build_preference_pairs(list(reversed(eps)), PairParams(), W)
+    a = build_preference_pairs(eps, PairParams(), W, parse=PARSE)
+    b = build_preference_pairs(list(reversed(eps)), PairParams(), W, parse=PARSE)
     pd.testing.assert_frame_equal(a, b)
     rec = to_dpo_records(a)[0]
     assert rec["prompt"][0]["role"] == "user" and rec["chosen"][0]["role"] == rec["rejected"][0]["role"] == "assistant"
@@ -82,13 +85,13 @@ def test_wall_clock_reward_jitter_does_not_change_pairs_by_default():
     def run(rewards):
         wins = [ep(i, True, ['type textbox "a"', 'click button "Submit"'], prompts=["P0", "P1"], reward=r) for i, r in enumerate(rewards)]
         losses = [ep(10 + i, False, [o], prompts=["P0"]) for i, o in enumerate(['click button "Submit"', 'click textbox "a"'])]
-        return build_preference_pairs(wins + losses, PairParams(max_pairs_per_prompt=1), W)
+        return build_preference_pairs(wins + losses, PairParams(max_pairs_per_prompt=1), W, parse=PARSE)
 
     first, second = run([0.91, 0.93]), run([0.93, 0.91])
     pd.testing.assert_frame_equal(first, second)
     weighted = ScoreWeights(reward=0.1)
     assert build_preference_pairs([ep(0, True, ["x"], reward=0.91), ep(1, True, ["x"], reward=0.93), ep(2, False, ['click button "b"'])],
-                                  PairParams(max_pairs_per_prompt=1), weighted).iloc[0].chosen_episode.endswith(":1")
+                                  PairParams(max_pairs_per_prompt=1), weighted, parse=PARSE).iloc[0].chosen_episode.endswith(":1")
 
 
 def test_kto_labels_success_steps_and_the_last_step_of_failures():
@@ -97,13 +100,13 @@ def test_kto_labels_success_steps_and_the_last_step_of_failures():
     early = ep(2, False, ['click button "Submit"'], prompts=["P0"])
     garbage = ep(3, False, ["no idea"], prompts=["P0"], invalid=True)
     crash = ep(4, False, ['click textbox "a"'], prompts=["P0"], env_error=True)
-    recs = to_kto_records([win, retype, early, garbage, crash, ep(5, True, ['type textbox "a"', 'click button "Submit"'], prompts=["P0", "P1"])])
+    recs = to_kto_records([win, retype, early, garbage, crash, ep(5, True, ['type textbox "a"', 'click button "Submit"'], prompts=["P0", "P1"])], parse=PARSE)
     got = {(r["prompt"][0]["content"], r["completion"][0]["content"], r["label"]) for r in recs}
     assert got == {("P0", 'type textbox "a"', True), ("P1", 'click button "Submit"', True),
                    ("P1", 'type textbox "a"', False), ("P0", 'click button "Submit"', False)}
     assert len(recs) == 4  # duplicates collapse; the correct first step of `retype` is not blamed
     assert ("P0", "no idea", False) in {(r["prompt"][0]["content"], r["completion"][0]["content"], r["label"])
-                                        for r in to_kto_records([win, garbage], rejected_must_parse=False)}
+                                        for r in to_kto_records([win, garbage])}
     with pytest.raises(ValueError, match="evaluation seed"):
         to_kto_records([ep(0, True, ["x"], seed=2 * BAND + 1)])
 
@@ -114,20 +117,20 @@ def test_chosen_is_a_shortest_success_from_the_divergence_state():
     direct = ep(0, True, ['click button "ok"'], task="click-button")
     detour = ep(1, True, ['type textbox "ok"', 'click button "ok"'], prompts=["P0", "P1"], task="click-button")
     wrong = ep(2, False, ['click button "no"'], task="click-button")
-    pairs = build_preference_pairs([direct, detour, wrong], PairParams(max_pairs_per_prompt=5), W)
+    pairs = build_preference_pairs([direct, detour, wrong], PairParams(max_pairs_per_prompt=5), W, parse=PARSE)
     assert list(pairs["chosen"]) == ['click button "ok"']
-    lenient = build_preference_pairs([direct, detour, wrong], PairParams(max_pairs_per_prompt=5, shortest_chosen=False), W)
+    lenient = build_preference_pairs([direct, detour, wrong], PairParams(max_pairs_per_prompt=5, shortest_chosen=False), W, parse=PARSE)
     assert sorted(lenient["chosen"]) == ['click button "ok"', 'type textbox "ok"']
     # Without a shorter success the detour is the best known way, and stays eligible.
-    assert list(build_preference_pairs([detour, wrong], PairParams(), W)["chosen"]) == ['type textbox "ok"']
+    assert list(build_preference_pairs([detour, wrong], PairParams(), W, parse=PARSE)["chosen"]) == ['type textbox "ok"']
 
 
 def test_kto_desirable_steps_are_those_of_shortest_successes():
     direct = ep(0, True, ['click button "ok"'], task="click-button")
     detour = ep(1, True, ['type textbox "ok"', 'click button "ok"'], prompts=["P0", "P1"], task="click-button")
     wrong = ep(2, False, ['click button "no"'], task="click-button")
-    labels = {(r["prompt"][0]["content"], r["completion"][0]["content"]): r["label"] for r in to_kto_records([direct, detour, wrong])}
+    labels = {(r["prompt"][0]["content"], r["completion"][0]["content"]): r["label"] for r in to_kto_records([direct, detour, wrong], parse=PARSE)}
     # The detour's first step is not desirable; its last step is (no shorter success from P1 exists).
     assert labels == {("P0", 'click button "ok"'): True, ("P1", 'click button "ok"'): True, ("P0", 'click button "no"'): False}
     assert ("P0", 'type textbox "ok"') in {(r["prompt"][0]["content"], r["completion"][0]["content"])
-                                           for r in to_kto_records([direct, detour, wrong], shortest_only=False)}
+                                           for r in to_kto_records([direct, detour, wrong], parse=PARSE, shortest_only=False)}

@@ -10,11 +10,11 @@ PROMPTS = [render_prompt(o) for o in OBS]
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory):
+def policy(tmp_path_factory, miniwob):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DPO_DRIVER_CACHE", str(tmp_path_factory.mktemp("cache")))
         model, tok = load_policy("tiny-random")
-        yield LMPolicy(model, tok)
+        yield LMPolicy(model, tok, miniwob)
 
 
 def test_shared_prefill_decodes_exactly_like_plain_generate(policy):
@@ -38,10 +38,10 @@ def test_sampling_gives_k_answers_per_prompt_and_is_seeded(policy):
     assert policy.stats.calls == 4 and policy.stats.new_tokens > 0
 
 
-def test_random_policy_proposes_valid_actions():
+def test_random_policy_proposes_valid_actions(miniwob):
     from dpo_driver.actions import parse_action
 
-    outs = RandomPolicy().propose(PROMPTS, OBS, 5, Sampling(), seed=0)
+    outs = RandomPolicy(miniwob).propose(PROMPTS, OBS, 5, Sampling(), seed=0)
     assert all(parse_action(a) for answers in outs for a in answers)
 
 

@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 
+from dpo_driver.actions import ACTION_REGEX
 from dpo_driver.quality import (
     PairGateThresholds,
     check_eval_seeds_disjoint,
@@ -45,7 +46,7 @@ SMALL = PairGateThresholds(min_pairs=3)
 
 
 def gates(df: pd.DataFrame, thresholds: PairGateThresholds = SMALL):
-    return run_pair_gates(df, thresholds, EVAL_SEEDS, EVAL_PROMPTS)
+    return run_pair_gates(df, thresholds, EVAL_SEEDS, EVAL_PROMPTS, ACTION_REGEX)
 
 
 def failed(result) -> dict[tuple[str, tuple[str, ...]], object]:
@@ -188,11 +189,11 @@ def test_bad_inputs_raise_naming_them():
     with pytest.raises(ValueError, match="max_ngram_overlap"):
         PairGateThresholds(max_ngram_overlap=1.5)
     with pytest.raises(TypeError, match="pairs: expected a pandas DataFrame"):
-        run_pair_gates(GOOD, SMALL, EVAL_SEEDS, EVAL_PROMPTS)
+        run_pair_gates(GOOD, SMALL, EVAL_SEEDS, EVAL_PROMPTS, ACTION_REGEX)
     with pytest.raises(ValueError, match="eval_prompts given"):
-        run_pair_gates(frame(*GOOD), SMALL, EVAL_SEEDS, None)
+        run_pair_gates(frame(*GOOD), SMALL, EVAL_SEEDS, None, ACTION_REGEX)
     with pytest.raises(ValueError, match="eval_seeds must be non-empty"):
-        run_pair_gates(frame(*GOOD), SMALL, {}, EVAL_PROMPTS)
+        run_pair_gates(frame(*GOOD), SMALL, {}, EVAL_PROMPTS, ACTION_REGEX)
 
 
 def test_tasks_whose_held_out_pages_repeat_are_found_from_the_pages():

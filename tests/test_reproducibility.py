@@ -18,15 +18,15 @@ from dpo_driver.training import SFTParams, load_policy, train_sft
 pytestmark = pytest.mark.slow
 
 
-def test_same_seed_rollouts_give_the_same_pairs(tmp_path, monkeypatch):
+def test_same_seed_rollouts_give_the_same_pairs(tmp_path, monkeypatch, miniwob):
     monkeypatch.setenv("DPO_DRIVER_CACHE", str(tmp_path / "models"))
-    demos = generate_demos(["click-tab"], seeds_for("demo", 6))
+    demos = generate_demos(miniwob, ["click-tab"], seeds_for("demo", 6))
     sft = train_sft("tiny-random", demos, tmp_path / "sft", SFTParams(num_train_epochs=10.0, learning_rate=1e-2, per_device_train_batch_size=4))
     sampling = Sampling(temperature=0.7, top_k=3, max_new_tokens=12, strategy="verbs")
 
     def run() -> tuple[list, int, str]:
         model, tok = load_policy("tiny-random", sft.adapter_dir)
-        eps = run_episodes(LMPolicy(model, tok), ["click-tab"], seeds_for("rollout", 4), 4, sampling, max_steps=2)
+        eps = run_episodes(LMPolicy(model, tok, miniwob), miniwob, ["click-tab"], seeds_for("rollout", 4), 4, sampling, max_steps=2)
         pairs = build_preference_pairs(eps, PairParams(rejected_must_parse=False), ScoreWeights())
         outcome = [(e["episode_id"], [s["output"] for s in e["steps"]], e["success"]) for e in eps]
         return outcome, len(pairs), hashlib.sha256(pairs.to_json(orient="records").encode()).hexdigest()

@@ -13,7 +13,7 @@ from dpo_assets.sft import sft_adapter
 from dpo_driver.io import read_jsonl
 from dpo_driver.tasks import split_of
 from dpo_driver.validation import VALIDATION_OFFSET, validation_seeds
-from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
+from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, EnvironmentResource
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def resources(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_HOME", str(tmp_path))
     return {"policy_model": PolicyModel(model="tiny-random", cache_dir=str(tmp_path / "models")),
             "task_suite": TaskSuite(tasks=["click-tab"], demo_seeds=6, rollout_seeds=2, eval_seeds=2, validation_seeds=4),
-            "web_env": WebEnvironment(), "artifact_store": ArtifactStore(root=str(tmp_path / "artifacts")),
+            "environment": EnvironmentResource(), "artifact_store": ArtifactStore(root=str(tmp_path / "artifacts")),
             "tracker": MLflowTracker(), "trainer": TrainingLauncher()}
 
 

@@ -4,7 +4,8 @@ import pytest
 
 from dpo_driver.demos import load_demos
 from dpo_driver.io import atomic_dir, atomic_write_text
-from dpo_driver.tasks import BAND, SeedPlan, check_tasks, seeds_for, split_of
+from dpo_driver.families.miniwob import MiniWoB, check_tasks
+from dpo_driver.tasks import BAND, SeedPlan, seeds_for, split_of
 
 
 def test_seed_splits_are_disjoint_bands():
@@ -54,7 +55,7 @@ def test_load_demos_accepts_the_three_formats(tmp_path):
             json.dumps({"messages": [{"role": "user", "content": "Task: c"}, {"role": "assistant", "content": 'type textbox "c"'}]}) + "\n",
         ],
     )
-    demos = load_demos(p)
+    demos = load_demos(p, MiniWoB)
     assert [d["completion"][0]["content"] for d in demos] == ['click button "a"', 'click link "b"', 'type textbox "c"']
     assert demos[1]["prompt"] == [{"role": "user", "content": "Task: b"}] and demos[1]["task"] == "click-link"
 
@@ -74,13 +75,13 @@ def test_load_demos_accepts_the_three_formats(tmp_path):
 def test_load_demos_rejects_bad_files_naming_file_and_line(tmp_path, lines, msg):
     p = _write(tmp_path, lines)
     with pytest.raises(ValueError, match=msg) as e:
-        load_demos(p)
+        load_demos(p, MiniWoB)
     assert str(p) in str(e.value)
 
 
 def test_load_demos_missing_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        load_demos(tmp_path / "nope.jsonl")
+        load_demos(tmp_path / "nope.jsonl", MiniWoB)
 
 
 def test_atomic_dir_keeps_old_output_on_failure(tmp_path):

@@ -1,0 +1,1 @@
+"""Built-in environment families (dpo_driver.environment.BUILTIN)."""
