@@ -12,7 +12,7 @@ from dpo_assets.presets import preset
 from dpo_assets.rollouts import rollout_trajectories
 from dpo_assets.schedules import improvement_round, improvement_round_schedule
 from dpo_assets.sft import sft_adapter
-from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
+from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PickleIOManager, PolicyModel, TaskSuite, TrainingLauncher
 from sensors import new_demos_sensor, regression_sensor
 
 ASSETS = [sft_adapter, rollout_trajectories, preference_pairs, dpo_adapter, evaluation_report]
@@ -22,19 +22,22 @@ RESOURCES_BY_DEPLOYMENT = {
     "local": {
         "policy_model": PolicyModel(),
         "task_suite": TaskSuite(),
-        "web_env": WebEnvironment(),
+        "environment": EnvironmentResource(),
         "artifact_store": ArtifactStore(),
         "tracker": MLflowTracker(),
         "trainer": TrainingLauncher(),  # `python -m dpo_driver.train` as a Pipes subprocess, on this machine
+        "io_manager": PickleIOManager(),  # values between assets: $DPO_HOME/io, shared by every local run
     },
     "prod": {
         "policy_model": PolicyModel(model=dg.EnvVar("DPO_BASE_MODEL"), cache_dir=dg.EnvVar("DPO_MODEL_CACHE")),
         "task_suite": TaskSuite(),
-        "web_env": WebEnvironment(),
+        "environment": EnvironmentResource(),
         "artifact_store": ArtifactStore(root=dg.EnvVar("DPO_ARTIFACT_ROOT")),
         "tracker": MLflowTracker(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI")),
         # The training image in a container that gets the GPUs; one at a time via the "gpu" pool (docker/dagster.yaml).
         "trainer": TrainingLauncher(mode="docker", image=dg.EnvVar("DPO_TRAIN_IMAGE"), gpus="all"),
+        # Run containers share no DAGSTER_HOME: values between assets go to one store every run sees.
+        "io_manager": PickleIOManager(root=dg.EnvVar("DPO_IO_ROOT")),
     },
 }
 

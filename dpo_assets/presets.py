@@ -1,88 +1,18 @@
 """Named run configs: `tiny` (plumbing, CI) and `default` (the README run on the embedded model).
 
-Each is a full Dagster run config (asset config + resource config), so the same preset drives
-`materialize()` in tests, the jobs in the UI launchpad, and `dagster job execute`.
+They live in `dpo_driver/runconfig.py` (Dagster-free, so `sensors/` can use them without importing
+`dpo_assets`); this module keeps the import path and the command that prints one:
+
+    python -m dpo_assets.presets tiny      # run config for `dagster asset materialize --config-json`
 """
 
 from __future__ import annotations
 
-import copy
+from dpo_driver.runconfig import DEFAULT, PRESETS, TINY, preset
 
-# click-tab answers come from a three-way choice, so even a ~1M-parameter random model that has
-# learned the answer format succeeds on some samples and fails on others: pairs always exist.
-# Its logits stay nearly flat after LoRA SFT (right argmax, high entropy), so rollouts sample
-# from the top 3 tokens at temperature 0.7 rather than from the whole flat distribution.
-TINY = {
-    "resources": {
-        "policy_model": {"config": {"model": "tiny-random"}},
-        "task_suite": {"config": {"tasks": ["click-tab", "enter-text"], "demo_seeds": 6, "rollout_seeds": 4, "eval_seeds": 4,
-                                  "validation_seeds": 2}},
-    },
-    "ops": {
-        "sft_adapter": {"config": {"num_train_epochs": 10.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_length": 256}},
-        "rollout_trajectories": {"config": {"samples_per_seed": 4, "temperature": 0.7, "top_k": 3, "max_new_tokens": 12, "max_steps": 3}},
-        "preference_pairs": {"config": {"min_margin": 0.5, "rejected_must_parse": False}},
-        "dpo_adapter": {"config": {"num_train_epochs": 1.0, "min_steps": 0, "per_device_train_batch_size": 2, "max_length": 256}},
-        "evaluation_report": {"config": {"max_new_tokens": 12, "max_steps": 3, "n_boot": 1000}},
-        # The random model learns the answer format, not the pages: the gate checks the format only.
-        "sft_adapter_validation": {"config": {"min_valid_fraction": 0.5, "min_expert_match": 0.0, "max_new_tokens": 12}},
-        "preference_pairs_gates": {"config": {"min_pairs": 1, "require_rejected_parses": False}},
-        "rollout_trajectories_gates": {"config": {}},
-    },
-}
+__all__ = ["DEFAULT", "PRESETS", "TINY", "preset"]
 
-# Five golden demos per task, as in the seed paper. click-widget replaced click-tab, which SFT
-# already solved (100%: no room to show learning). Measured here (50 held-out seeds per task):
-# 10 demos x 5 epochs solves the suite at SFT already (99% mean: no room for any fine-tuning to
-# show), 10 x 3 epochs and 5 x 5 epochs both leave ~66% (enter-text 0%); on this suite 5 x 5 gives
-# click-button 84, click-link 78, click-widget 60, enter-text 0 (56% mean).
-DEFAULT = {
-    "resources": {
-        "policy_model": {"config": {"model": "smollm2-135m"}},
-        "task_suite": {"config": {"tasks": ["click-button", "click-link", "click-widget", "enter-text"],
-                                  "demo_seeds": 5, "rollout_seeds": 20, "eval_seeds": 50}},
-    },
-    "ops": {
-        "sft_adapter": {"config": {"num_train_epochs": 5.0, "learning_rate": 2e-4}},
-        # strategy "verbs" (typing tried on every form, shortest successes branched) is what taught
-        # enter-text (0% -> 100%; plain sampling: 1 success in 240 episodes). 20 seeds, bf16 on the
-        # 2-core CPU: 502 episodes in ~125 s, 91 pairs; the one-round loop took 508-550 s and reached
-        # 97% from SFT's 50% (benchmarks/results/learning_default_seed0_rounds2.json). With 8 seeds
-        # (52 pairs) enter-text was not learned.
-        "rollout_trajectories": {"config": {"samples_per_seed": 8, "temperature": 1.0, "top_k": 20, "strategy": "verbs"}},
-        "preference_pairs": {"config": {"min_margin": 0.5}},
-        # DPO + an SFT term on chosen: plain sigmoid DPO pushed probability mass off the answer
-        # format in probes here (chosen rewards drifted negative); lr as in those probes. Probes on
-        # one set of 91 round-1 pairs, two training seeds, 50 held-out seeds per task:
-        # - two epochs: enter-text's step-0 switch (type before Submit) rests on ~14 pairs against a
-        #   strong SFT prior while its step-1 pairs push "type" down in a near-identical state; one
-        #   epoch learned it on neither seed (2%, 0%), two epochs on both (100%, 100%);
-        # - beta 0.5, not 0.1: the sigmoid saturates after a few nats of margin instead of grinding
-        #   rejected log-probs down (-22 nats at 0.1), which cost click-widget; 97% / 97.5% mean vs
-        #   93% / 94.5% at 0.1, and +4.5 [+1.0, +8.0] / +5.0 [+2.0, +8.5] over the RFT control
-        #   (SFT on the same chosen, same 2 epochs). IPO, NCA, beta 1.0: no better.
-        "dpo_adapter": {"config": {"beta": 0.5, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-4, "num_train_epochs": 2.0}},
-        "evaluation_report": {"config": {}},
-        # Production default is 1,000 pairs; a CPU round yields tens. enter-text pages differ only by
-        # a name from a small pool, so held-out pages recur word for word among training seeds (13
-        # of 193 step-0 pairs in one run): like click-tab, text overlap cannot separate the splits
-        # there, and only the seed gate applies to it.
-        "sft_adapter_validation": {"config": {}},
-        "preference_pairs_gates": {"config": {"min_pairs": 20, "ngram_exempt_tasks": ["click-tab", "enter-text"]}},
-        "rollout_trajectories_gates": {"config": {}},
-    },
-}
-
-PRESETS = {"tiny": TINY, "default": DEFAULT}
-
-
-def preset(name: str) -> dict:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])
-
-
-if __name__ == "__main__":  # `python -m dpo_assets.presets tiny` prints run config for `dagster asset materialize --config-json`
+if __name__ == "__main__":
     import json
     import sys
 

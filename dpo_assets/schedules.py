@@ -7,46 +7,28 @@ DPO_PRESET (default "default") picks the preset whose config the runs use.
 
 from __future__ import annotations
 
-import copy
 import os
 from datetime import datetime, timezone
 
 import dagster as dg
 
-from dpo_assets.configs import RolloutConfig
 from dpo_assets.dpo import dpo_adapter
 from dpo_assets.evaluation import evaluation_report
 from dpo_assets.pairs import preference_pairs
-from dpo_assets.presets import preset
 from dpo_assets.rollouts import rollout_trajectories
 from dpo_assets.sft import sft_adapter
+# The run-config helpers live in dpo_driver.runconfig, where sensors/ use them too; re-exported here.
+from dpo_driver.runconfig import TRIGGER_TAG, improvement_run_config, preset, preset_name
+
+__all__ = ["DEFAULT_CRON", "IMPROVEMENT_ASSETS", "TRIGGER_TAG", "build_improvement_schedule", "improvement_round",
+           "improvement_round_schedule", "improvement_run_config", "preset_name"]
 
 IMPROVEMENT_ASSETS = (rollout_trajectories, preference_pairs, dpo_adapter, evaluation_report)
 DEFAULT_CRON = "0 3 * * *"
-TRIGGER_TAG = "dpo/trigger"  # schedule | new_demos | regression: who launched a run
 
 improvement_round = dg.define_asset_job(
     "improvement_round", selection=dg.AssetSelection.assets(*IMPROVEMENT_ASSETS),
     description="One improvement round from the last SFT adapter (and the champion): rollouts, pairs, DPO, evaluation.")
-
-
-def preset_name() -> str:
-    return os.environ.get("DPO_PRESET", "default")
-
-
-def improvement_run_config(base: dict, samples_factor: int = 1) -> dict:
-    """``base`` (a preset or an earlier run's config) cut to the improvement assets, with K x ``samples_factor``.
-
-    Keeps the config of those assets' checks too: check ops are named ``<asset>_<property>``.
-    """
-    names = [a.key.to_user_string() for a in IMPROVEMENT_ASSETS]
-    config = copy.deepcopy(base)
-    config["ops"] = {op: v for op, v in config.get("ops", {}).items()
-                     if any(op == n or op.startswith(f"{n}_") for n in names)}
-    rollout = config["ops"].setdefault("rollout_trajectories", {}).setdefault("config", {})
-    k = rollout.get("samples_per_seed", RolloutConfig.model_fields["samples_per_seed"].default)
-    rollout["samples_per_seed"] = k * samples_factor
-    return config
 
 
 def build_improvement_schedule(cron: str | None = None, tz: str | None = None) -> dg.ScheduleDefinition:

@@ -6,8 +6,7 @@ run the same (task, seed) episodes, because the comparison pairs them.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dpo_driver.io import atomic_write_bytes
 from dpo_driver.stats import bootstrap_mean, decide, paired_bootstrap_diff, wilson_interval
 
 REQUIRED_COLUMNS = ("policy", "task", "seed", "success")
@@ -203,13 +203,6 @@ def plot_report(report_or_table: EvalReport | pd.DataFrame, path: Path) -> Path:
     ax.legend(loc="upper center", ncols=len(policies), frameon=False)
     fig.tight_layout()
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the chart is meant to be read by the UI
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    return atomic_write_bytes(path, png.getvalue(), mode=0o644)  # 0644: the chart is meant to be read by the UI

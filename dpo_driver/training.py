@@ -14,10 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .io import atomic_write_text
+from .io import atomic_write_text, replace_dir
 from .model import bf16_is_native, load_model_and_tokenizer
 
 
@@ -156,7 +154,7 @@ def _run(trainer, records: list[dict], output_dir: Path, resume_from: Path | Non
         # Only the trained adapter: DPO also holds a frozen "ref" copy, which is not the result.
         trainer.model.save_pretrained(str(tmp), selected_adapters=["default"])
         trainer.processing_class.save_pretrained(str(tmp))
-        _replace_dir(tmp, output_dir)
+        replace_dir(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     history = list(trainer.state.log_history)
@@ -164,15 +162,6 @@ def _run(trainer, records: list[dict], output_dir: Path, resume_from: Path | Non
     metrics.update({k: float(v) for k, v in out.metrics.items()})
     metrics["global_step"] = float(out.global_step)
     return TrainResult(Path(output_dir), metrics, len(records), history)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move src onto dst; dst is at every moment absent, the old result, or the new one."""
-    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_sft_trainer(
@@ -288,7 +277,7 @@ def init_adapter(base_model: str, output_dir: Path, params: SFTParams) -> Path:
     try:
         get_peft_model(model, lora).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, output_dir)
+        replace_dir(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir

@@ -19,5 +19,5 @@ echo "== evaluation report ($preset preset, $(( $(date +%s) - start )) s): ${rep
 cat "${report}report.md"
 echo "   plot: ${report}success_by_task.png"
 echo
-echo "Dagster UI:  DAGSTER_HOME=$DAGSTER_HOME DPO_HOME=$DPO_HOME .venv/bin/dagster dev -w workspace.yaml"
+echo "Dagster UI:  DAGSTER_HOME=$DAGSTER_HOME DPO_HOME=$DPO_HOME bash scripts/ui.sh   (dg dev; stops whole on Ctrl-C/SIGTERM)"
 echo "MLflow UI:   .venv/bin/mlflow ui --backend-store-uri sqlite:///$DPO_HOME/mlflow.db --default-artifact-root $DPO_HOME/mlartifacts"

@@ -17,10 +17,16 @@ from pathlib import Path
 
 import dagster as dg
 
-from dpo_assets.presets import preset
-from dpo_assets.schedules import TRIGGER_TAG, preset_name
 from dpo_driver.demos import load_demos
+from dpo_driver.runconfig import TRIGGER_TAG, preset, preset_name
+from resources.environment import EnvironmentResource
 from resources.home import dpo_home
+
+
+def preset_environment():
+    """The environment family the runs this sensor requests act in (the preset's `environment` resource)."""
+    config = preset(preset_name())["resources"].get("environment", {}).get("config", {})
+    return EnvironmentResource(**config).get()
 
 
 def demos_dir() -> Path:
@@ -92,7 +98,7 @@ def new_demos_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | d
     for path, digest in new:
         cursor.seen.add(digest)  # an invalid file is not retried until its content changes
         try:
-            if not load_demos(path):
+            if not load_demos(path, preset_environment()):
                 raise ValueError("it holds no demos")
         except ValueError as e:
             context.log.error(f"demos file {path} not used: {e}")

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 import dagster as dg
 from mlflow.exceptions import MlflowException
 
-from dpo_assets.evaluation import evaluation_report
-from dpo_assets.pairs import preference_pairs
-from dpo_assets.presets import preset
-from dpo_assets.schedules import TRIGGER_TAG, improvement_run_config, preset_name
 from dpo_driver import audit
+from dpo_driver.runconfig import TRIGGER_TAG, improvement_run_config, preset, preset_name
 from resources import MLflowTracker
 
 REGRESSION_DECISIONS = ("keep previous", "needs review")
 ATTEMPT_TAG, ROOT_TAG = "dpo/retry_attempt", "dpo/retry_root"
+# The assets it watches, by key: sensors/ never imports dpo_assets (which imports sensors/).
+EVALUATION_REPORT, PREFERENCE_PAIRS = dg.AssetKey("evaluation_report"), dg.AssetKey("preference_pairs")
 BATCH = 50  # events read per tick and source; the cursor carries on from there next tick
 
 
@@ -81,10 +80,10 @@ def _text(metadata: Mapping, key: str) -> str | None:
 
 def _evaluation_regressions(instance: dg.DagsterInstance, cursor: RegressionCursor) -> list[Regression]:
     if cursor.evaluation is None:  # first tick: only the latest evaluation, not the whole history
-        records = instance.fetch_materializations(evaluation_report.key, limit=1).records
+        records = instance.fetch_materializations(EVALUATION_REPORT, limit=1).records
     else:
         records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=evaluation_report.key, after_storage_id=cursor.evaluation),
+            dg.AssetRecordsFilter(asset_key=EVALUATION_REPORT, after_storage_id=cursor.evaluation),
             limit=BATCH, ascending=True).records
     found = []
     for record in records:
@@ -92,7 +91,7 @@ def _evaluation_regressions(instance: dg.DagsterInstance, cursor: RegressionCurs
         metadata = record.asset_materialization.metadata
         decision = _text(metadata, "decision")
         if decision in REGRESSION_DECISIONS:
-            found.append(Regression(evaluation_report.key, f"evaluation decided {decision!r}", record.run_id,
+            found.append(Regression(EVALUATION_REPORT, f"evaluation decided {decision!r}", record.run_id,
                                     record.storage_id, _text(metadata, "mlflow_run_id")))
     return found
 
@@ -113,7 +112,7 @@ def _check_regressions(instance: dg.DagsterInstance, check_keys: list[dg.AssetCh
                 mlflow_run_id = _text(evaluation.metadata, "mlflow_run_id") or _pairs_mlflow_run(instance, evaluation)
                 why = evaluation.description or _text(evaluation.metadata, "failed_expectations")
                 detail = f": {why[:200]}" if why else ""
-                found.append(Regression(preference_pairs.key, f"quality gate {key.name} failed{detail}",
+                found.append(Regression(PREFERENCE_PAIRS, f"quality gate {key.name} failed{detail}",
                                         record.run_id, record.id, mlflow_run_id))
             cursor.checks[key.name] = record.id
     return found
@@ -124,7 +123,7 @@ def _pairs_mlflow_run(instance: dg.DagsterInstance, evaluation: dg.AssetCheckEva
     if target is None:
         return None
     records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=preference_pairs.key, storage_ids=[target.storage_id]), limit=1).records
+        dg.AssetRecordsFilter(asset_key=PREFERENCE_PAIRS, storage_ids=[target.storage_id]), limit=1).records
     return _text(records[0].asset_materialization.metadata, "mlflow_run_id") if records else None
 
 
@@ -133,7 +132,7 @@ def _pair_check_keys(context: dg.SensorEvaluationContext) -> list[dg.AssetCheckK
     if repo is None:
         return []
     return sorted((k for k in repo.asset_graph.asset_check_keys
-                   if k.asset_key == preference_pairs.key and k.name.startswith("preference_pairs_")),
+                   if k.asset_key == PREFERENCE_PAIRS and k.name.startswith("preference_pairs_")),
                   key=lambda k: k.name)
 
 

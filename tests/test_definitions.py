@@ -2,6 +2,7 @@ import dagster as dg
 
 from dpo_assets import definitions
 from dpo_assets.presets import PRESETS
+from resources import PickleIOManager
 
 FIVE = {"sft_adapter", "rollout_trajectories", "preference_pairs", "dpo_adapter", "evaluation_report"}
 
@@ -23,6 +24,24 @@ def test_definitions_load_with_the_five_assets_in_order():
 def test_deployments_offer_the_same_resource_keys():
     keysets = {name: set(r) for name, r in definitions.RESOURCES_BY_DEPLOYMENT.items()}
     assert len(set(map(frozenset, keysets.values()))) == 1, keysets
+    assert set(keysets) == {"local", "prod"}
+    # Values between assets go through our io_manager in every deployment, never Dagster's per-instance default.
+    for name, resources in definitions.RESOURCES_BY_DEPLOYMENT.items():
+        assert isinstance(resources["io_manager"], PickleIOManager), name
+    assert definitions.RESOURCES_BY_DEPLOYMENT["local"]["io_manager"].root == ""  # = $DPO_HOME/io
+    assert type(definitions.RESOURCES_BY_DEPLOYMENT["prod"]["io_manager"].root).__name__ == "EnvVar"  # DPO_IO_ROOT
+
+
+def test_sensors_and_schedules_name_assets_that_exist():
+    from dpo_assets.configs import RolloutConfig
+    from dpo_assets.schedules import IMPROVEMENT_ASSETS
+    from dpo_driver.runconfig import DEFAULT_SAMPLES_PER_SEED, IMPROVEMENT_ASSET_NAMES
+    from sensors.regression_sensor import EVALUATION_REPORT, PREFERENCE_PAIRS
+
+    keys = definitions.defs.resolve_asset_graph().get_all_asset_keys()
+    assert {EVALUATION_REPORT, PREFERENCE_PAIRS} <= keys
+    assert tuple(a.key.to_user_string() for a in IMPROVEMENT_ASSETS) == IMPROVEMENT_ASSET_NAMES
+    assert RolloutConfig.model_fields["samples_per_seed"].default == DEFAULT_SAMPLES_PER_SEED
 
 
 def test_presets_are_valid_run_config_for_the_job():

@@ -158,13 +158,13 @@ def test_dpo_without_records_writes_nothing(sft, tmp_path):
 
 
 def test_rerun_replaces_the_previous_adapter_whole(tmp_path):
-    from dpo_driver.training import _replace_dir
+    from dpo_driver.io import replace_dir  # what train_sft / train_dpo put their adapter in place with
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "stale.bin").write_text("old")
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "adapter_model.safetensors").write_text("new")
-    _replace_dir(tmp_path / "new", tmp_path / "adapter")
+    replace_dir(tmp_path / "new", tmp_path / "adapter")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert [p.name for p in (tmp_path / "adapter").iterdir()] == ["adapter_model.safetensors"]
 
