@@ -13,12 +13,13 @@ from pydantic import Field
 
 from dpo_assets.governance import audit_failed_gates, audit_gate_failure
 from dpo_driver.io import read_jsonl
+from dpo_driver.pii import PATTERN_ENTITY_TYPES, surviving
 from dpo_driver.policy import LMPolicy
 from dpo_driver.quality import (GateResult, PairGateThresholds, check_eval_seeds_disjoint, repeated_page_tasks, run_pair_gates,
                                 run_trajectory_gates)
 from dpo_driver.rollouts import first_prompts
 from dpo_driver.validation import validate_policy
-from resources import MLflowTracker, PolicyModel, TaskSuite, WebEnvironment
+from resources import EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite
 
 PAIR_GATES = ("count", "margin", "decontamination", "format", "duplicates")
 TRAJECTORY_GATES = ("count", "terminal_reward", "known_task", "env_errors")
@@ -98,16 +99,16 @@ def preference_pairs_gates(
     config: PairGateConfig,
     preference_pairs: pd.DataFrame,
     task_suite: TaskSuite,
-    web_env: WebEnvironment,
+    environment: EnvironmentResource,
     tracker: MLflowTracker,
 ):
-    tasks, plan = task_suite.task_list(), task_suite.plan()
-    chrome, driver = web_env.browser()
-    prompts = first_prompts(tasks, list(plan.eval), chrome, driver)
+    env = environment.get()
+    tasks, plan = task_suite.task_list(env), task_suite.plan()
+    prompts = {k: env.decontamination_text(p) for k, p in first_prompts(env, tasks, list(plan.eval)).items()}
     exempt = sorted(set(repeated_page_tasks(prompts, config.min_distinct_eval_pages)) | (set(config.ngram_exempt_tasks) & set(tasks)))
     eval_prompts = [p for (t, _), p in prompts.items() if t not in exempt]
     gates = run_pair_gates(preference_pairs, PairGateThresholds(**config.model_dump(exclude={"ngram_exempt_tasks", "min_distinct_eval_pages"})),
-                           {t: list(plan.eval) for t in tasks}, eval_prompts)
+                           {t: list(plan.eval) for t in tasks}, eval_prompts, env.action_regex)
     gates["decontamination"].metadata["ngram_exempt_tasks"] = exempt
     _log_to_mlflow(context, tracker, "preference_pairs", gates)
     audit_failed_gates(context, tracker, "preference_pairs", gates)
@@ -124,9 +125,10 @@ def rollout_trajectories_gates(
     config: TrajectoryGateConfig,
     rollout_trajectories: pd.DataFrame,
     task_suite: TaskSuite,
+    environment: EnvironmentResource,
     tracker: MLflowTracker,
 ):
-    gates = run_trajectory_gates(rollout_trajectories, task_suite.task_list(), config.max_env_error_fraction, config.min_episodes)
+    gates = run_trajectory_gates(rollout_trajectories, task_suite.task_list(environment.get()), config.max_env_error_fraction, config.min_episodes)
     _log_to_mlflow(context, tracker, "rollout_trajectories", gates)
     audit_failed_gates(context, tracker, "rollout_trajectories", gates)
     for name in TRAJECTORY_GATES:
@@ -135,9 +137,9 @@ def rollout_trajectories_gates(
 
 @dg.asset_check(asset="evaluation_report", blocking=True, description="evaluation seeds are disjoint from demo and rollout seeds")
 def evaluation_report_seeds_disjoint(context: dg.AssetCheckExecutionContext, evaluation_report: dict, task_suite: TaskSuite,
-                                     tracker: MLflowTracker) -> dg.AssetCheckResult:
+                                     environment: EnvironmentResource, tracker: MLflowTracker) -> dg.AssetCheckResult:
     plan = task_suite.plan()
-    tasks = task_suite.task_list()
+    tasks = task_suite.task_list(environment.get())
     train = {t: list(plan.demo) + list(plan.rollout) for t in tasks}
     evaluated = {t: evaluation_report["eval_seeds"] for t in tasks}
     gate = check_eval_seeds_disjoint(evaluated, train)
@@ -148,16 +150,18 @@ def evaluation_report_seeds_disjoint(context: dg.AssetCheckExecutionContext, eva
 class SFTGateConfig(dg.Config):
     min_valid_fraction: float = Field(0.8, description="share of held-out demo states where the SFT policy's greedy answer parses as an action")
     min_expert_match: float = Field(0.25, description="share of held-out demo states where it equals the expert's action")
-    max_new_tokens: int = Field(24, description="tokens generated per answer (greedy)")
+    max_new_tokens: int = Field(0, description="tokens generated per answer (greedy); 0 = the family's (Environment.max_new_tokens)")
 
 
 # Op name "sft_adapter_validation" (<asset>_<check>), the key its config has in run config and presets.
 @dg.asset_check(asset="sft_adapter", name="validation", blocking=True,
                 description="the SFT policy answers held-out expert states (validation slice of the demo band) validly and like the expert")
 def sft_adapter_validation(context: dg.AssetCheckExecutionContext, config: SFTGateConfig, sft_adapter: dict,
-                           policy_model: PolicyModel, tracker: MLflowTracker) -> dg.AssetCheckResult:
+                           policy_model: PolicyModel, environment: EnvironmentResource, tracker: MLflowTracker) -> dg.AssetCheckResult:
+    env = environment.get()
     model, tokenizer = policy_model.load(sft_adapter["adapter_dir"])
-    result = validate_policy(LMPolicy(model, tokenizer), read_jsonl(Path(sft_adapter["validation_path"])), config.max_new_tokens)
+    result = validate_policy(LMPolicy(model, tokenizer, env), read_jsonl(Path(sft_adapter["validation_path"])), env.parse,
+                             config.max_new_tokens or env.max_new_tokens)
     passed, message = result.verdict(config.min_valid_fraction, config.min_expert_match)
     context.log.info(message)
     run_id = sft_adapter.get("mlflow_run_id")
@@ -182,4 +186,36 @@ def sft_adapter_validation(context: dg.AssetCheckExecutionContext, config: SFTGa
     )
 
 
-CHECKS = [sft_adapter_validation, preference_pairs_gates, rollout_trajectories_gates, evaluation_report_seeds_disjoint]
+class PiiGateConfig(dg.Config):
+    entity_types: list[str] = Field(list(PATTERN_ENTITY_TYPES), description="PII types (Presidio entity names) that must not survive "
+                                    "in training data; PERSON needs a spaCy model installed offline")
+
+
+def _pii_check(context, tracker: MLflowTracker, asset: str, records: list[dict], entity_types: list[str], run_id: str | None):
+    left = surviving(records, entity_types)
+    passed = not left
+    message = ("no " + ", ".join(entity_types) + " left in the training data" if passed else
+               f"PII survives in {asset}'s training data: " + ", ".join(f"{t} x{n}" for t, n in sorted(left.items()))
+               + ". Turn scrub_pii on, or clean the source.")
+    if not passed:
+        audit_gate_failure(context, tracker, asset, f"{asset}_pii", message, run_id)
+    return dg.AssetCheckResult(passed=passed, severity=dg.AssetCheckSeverity.ERROR, description=message,
+                               metadata={"entity_types": entity_types, **{f"surviving_{t.lower()}": left.get(t, 0) for t in entity_types}})
+
+
+@dg.asset_check(asset="rollout_trajectories", name="pii", blocking=True,
+                description="no configured PII type survives in the episodes (Presidio re-scan)")
+def rollout_trajectories_pii(context: dg.AssetCheckExecutionContext, config: PiiGateConfig, rollout_trajectories: pd.DataFrame,
+                             tracker: MLflowTracker) -> dg.AssetCheckResult:
+    steps = [{k: s.get(k) for k in ("prompt", "output", "action")} for steps in rollout_trajectories["steps"] for s in steps]
+    return _pii_check(context, tracker, "rollout_trajectories", steps, config.entity_types, None)
+
+
+@dg.asset_check(asset="sft_adapter", name="pii", blocking=True, description="no configured PII type survives in the demos SFT trained on")
+def sft_adapter_pii(context: dg.AssetCheckExecutionContext, config: PiiGateConfig, sft_adapter: dict,
+                    tracker: MLflowTracker) -> dg.AssetCheckResult:
+    demos = read_jsonl(Path(sft_adapter["demos_path"])) if sft_adapter.get("demos_path") else []
+    return _pii_check(context, tracker, "sft_adapter", demos, config.entity_types, sft_adapter.get("mlflow_run_id"))
+
+
+CHECKS = [sft_adapter_validation, sft_adapter_pii, rollout_trajectories_pii, preference_pairs_gates, rollout_trajectories_gates, evaluation_report_seeds_disjoint]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
+from dpo_driver.runconfig import DEFAULT_SAMPLES_PER_SEED
+
 
 class SFTAdapterConfig(dg.Config):
     demos_path: str = Field("", description="JSONL of golden demos; empty = generate them with the scripted experts on demo seeds")
@@ -20,21 +22,27 @@ class SFTAdapterConfig(dg.Config):
     max_length: int = Field(512, description="trl.SFTConfig.max_length (tokens); longer demos are truncated")
     seed: int = Field(0, description="training seed")
     checkpoint_steps: int = Field(0, description="trl.SFTConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
+    scrub_pii: bool = Field(True, description="replace PII (dpo_driver.pii) in the demos before they are stored as training data; "
+                            "the blocking check sft_adapter_pii re-scans either way")
 
 
 class RolloutConfig(dg.Config):
-    samples_per_seed: int = Field(4, description="K: sampled episodes per task seed")
+    samples_per_seed: int = Field(DEFAULT_SAMPLES_PER_SEED, description="K: sampled episodes per task seed")
     temperature: float = Field(1.0, description="sampling temperature (0 = greedy)")
     top_k: int = Field(0, description="top-k sampling cutoff; 0 = off")
     top_p: float = Field(1.0, description="nucleus sampling cutoff")
     strategy: str = Field("sample", description="'sample': K i.i.d. samples per state; 'verbs': K samples split over the verbs the "
                           "page allows, each distinct one played out greedily, and later states of successes branched the same way; 'candidates': "
                           "'verbs' plus every action the page offers (each element clicked, each quoted task string typed)")
-    max_new_tokens: int = Field(24, description="tokens generated per action")
+    max_new_tokens: int = Field(0, description="tokens generated per action; 0 = the family's (Environment.max_new_tokens)")
     max_steps: int = Field(0, description="steps before an episode is cut off as a failure; 0 = the task's own limit "
-                           "(dpo_driver.tasks.STEP_LIMITS: its expert's longest episode plus slack)")
+                           "(Environment.max_steps; MiniWoB: its expert's longest episode plus slack)")
     batch_size: int = Field(16, description="prompts per generate() call")
     seed: int = Field(0, description="sampling seed")
+    traces_path: str = Field("", description="JSONL of logged agent traces (dpo_driver.traces schema) used as the episodes instead of "
+                             "sampling rollouts; empty = sample rollouts in the environment")
+    scrub_pii: bool = Field(True, description="replace PII (dpo_driver.pii: emails, phones, cards, IPs, IBANs) in the episodes before "
+                            "they are stored as training data; the blocking check rollout_trajectories_pii re-scans either way")
 
 
 class PairsConfig(dg.Config):
@@ -44,8 +52,9 @@ class PairsConfig(dg.Config):
     shortest_chosen: bool = Field(True, description="chosen must be a success with the fewest steps left from the divergence "
                                   "state (a success that wasted steps where a shorter one exists is never chosen)")
     success_weight: float = Field(1.0, description="episode score: weight of task success")
-    reward_weight: float = Field(0.0, description="episode score: weight of MiniWoB's time-decayed reward (wall-clock based, so "
-                                 "nonzero makes same-seed reruns pick different pairs)")
+    reward_weight: float | None = Field(None, description="episode score: weight of the family's graded reward; unset = the family's "
+                                        "own (Environment.reward_weight: 0 for MiniWoB, whose reward decays with wall-clock time, "
+                                        "so nonzero makes same-seed reruns pick different pairs; 1 for SQL's partial credit)")
     step_penalty: float = Field(0.02, description="episode score: penalty per step")
     invalid_penalty: float = Field(0.5, description="episode score: penalty for an invalid action")
 
@@ -54,10 +63,11 @@ class PairsConfig(dg.Config):
 
         return PairParams(self.min_margin, self.max_pairs_per_prompt, self.rejected_must_parse, self.shortest_chosen)
 
-    def score_weights(self):
+    def score_weights(self, env):
         from dpo_driver.pairs import ScoreWeights
 
-        return ScoreWeights(self.success_weight, self.reward_weight, self.step_penalty, self.invalid_penalty)
+        reward = env.reward_weight if self.reward_weight is None else self.reward_weight
+        return ScoreWeights(self.success_weight, reward, self.step_penalty, self.invalid_penalty)
 
 
 class DPOAdapterConfig(dg.Config):
@@ -76,9 +86,9 @@ class DPOAdapterConfig(dg.Config):
 
 
 class EvaluationConfig(dg.Config):
-    max_new_tokens: int = Field(24, description="tokens generated per action (greedy)")
+    max_new_tokens: int = Field(0, description="tokens generated per action (greedy); 0 = the family's (Environment.max_new_tokens)")
     max_steps: int = Field(0, description="steps before an episode is cut off as a failure; 0 = the task's own limit "
-                           "(dpo_driver.tasks.STEP_LIMITS: its expert's longest episode plus slack)")
+                           "(Environment.max_steps; MiniWoB: its expert's longest episode plus slack)")
     batch_size: int = Field(16, description="prompts per generate() call")
     confidence: float = Field(0.95, description="level of every reported interval")
     n_boot: int = Field(10000, description="paired bootstrap resamples for the DPO - SFT difference")

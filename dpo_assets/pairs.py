@@ -4,7 +4,7 @@ import pandas as pd
 from dpo_assets.configs import PairsConfig
 from dpo_driver.io import atomic_dir, atomic_write_jsonl
 from dpo_driver.pairs import build_preference_pairs, pair_yield, to_dpo_records
-from resources import ArtifactStore, MLflowTracker
+from resources import ArtifactStore, EnvironmentResource, MLflowTracker
 
 
 @dg.asset(group_name="dpo_loop", kinds={"pandas", "mlflow"})
@@ -12,12 +12,14 @@ def preference_pairs(
     context: dg.AssetExecutionContext,
     config: PairsConfig,
     rollout_trajectories: pd.DataFrame,
+    environment: EnvironmentResource,
     artifact_store: ArtifactStore,
     tracker: MLflowTracker,
 ) -> dg.MaterializeResult:
     """Success vs failure from the same state: scored, margin-filtered, deduplicated (TRL preference JSONL)."""
+    env = environment.get()
     episodes = rollout_trajectories.to_dict("records")
-    pairs = build_preference_pairs(episodes, config.pair_params(), config.score_weights())
+    pairs = build_preference_pairs(episodes, config.pair_params(), config.score_weights(env), parse=env.parse)
     # The policy the pairs were sampled from: DPO starts from it and uses it as the reference.
     acted = sorted(set(rollout_trajectories.get("adapter_dir", pd.Series(dtype=str)).dropna()))
     if len(acted) > 1:
@@ -25,7 +27,8 @@ def preference_pairs(
     pairs["policy_adapter"] = acted[0] if acted else None
     stats = pair_yield(episodes, pairs)
     out = artifact_store.path_for("preference_pairs", context.run_id)
-    with tracker.tracker().stage_run("pairs", config.model_dump(), tags={"dagster_run_id": context.run_id}) as run:
+    with tracker.tracker().stage_run("pairs", {**config.model_dump(), "environment": env.name},
+                                     tags={"dagster_run_id": context.run_id, "environment": env.name}) as run:
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "pairs.jsonl", to_dpo_records(pairs))
         run.log_metrics({**stats, "mean_margin": float(pairs["margin"].mean()) if len(pairs) else 0.0})

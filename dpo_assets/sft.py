@@ -4,12 +4,13 @@ from pathlib import Path
 import dagster as dg
 
 from dpo_assets.configs import SFTAdapterConfig
-from dpo_driver.demos import generate_demos, load_demos
+from dpo_driver.demos import generate_demos, hold_out, load_demos
 from dpo_driver.io import atomic_dir, atomic_write_jsonl
+from dpo_driver.pii import counts_metadata, scrub_records
 from dpo_driver.train import JobSpec
 from dpo_driver.validation import validation_seeds
 from dpo_driver.training import SFTParams, scratch_dir_for
-from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, WebEnvironment
+from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher
 
 
 # pool "gpu" (also dpo_adapter): two trainings never share a GPU; limit in docker/dagster.yaml.
@@ -19,32 +20,39 @@ def sft_adapter(
     config: SFTAdapterConfig,
     policy_model: PolicyModel,
     task_suite: TaskSuite,
-    web_env: WebEnvironment,
+    environment: EnvironmentResource,
     artifact_store: ArtifactStore,
     tracker: MLflowTracker,
     trainer: TrainingLauncher,
 ) -> dg.MaterializeResult:
     """LoRA SFT (TRL SFTTrainer) of the base model on golden demonstrations."""
-    tasks = task_suite.task_list()
-    base = policy_model.resolve()  # fails fast on an unknown model, before any output exists
-    chrome, driver = web_env.browser()
+    env = environment.get()  # fails fast (unknown family, no browser), before any output exists
+    tasks = task_suite.task_list(env)
+    base = policy_model.resolve()  # fails fast on an unknown model
     if config.demos_path:
-        demos = load_demos(Path(config.demos_path))
+        demos = load_demos(Path(config.demos_path), env)
         source = config.demos_path
     else:
-        demos = generate_demos(tasks, list(task_suite.plan().demo), chrome, driver,
+        demos = generate_demos(env, tasks, list(task_suite.plan().demo),
                                on_episode=lambda t, s, ok: context.log.debug(f"demo {t} seed {s}: {'ok' if ok else 'expert failed'}"))
-        source = "scripted experts"
+        source = f"{env.name} expert"
+    pii = {}
+    if config.scrub_pii:  # user demos may carry customer data; generated ones are scanned the same way
+        demos, found = scrub_records(demos)
+        pii = counts_metadata(found)
     if not demos:
         raise ValueError("no golden demonstrations: the experts solved no demo seed; check the task suite")
     # Held-out expert states for the SFT gate (sft_adapter_validation), from the demo band only.
-    validation = generate_demos(tasks, validation_seeds(task_suite.validation_seeds, task_suite.plan().demo), chrome, driver)
+    if env.has_expert:
+        validation = generate_demos(env, tasks, validation_seeds(task_suite.validation_seeds, task_suite.plan().demo))
+    else:  # no expert to replay held-out states: hold some of the user's demos out instead
+        demos, validation = hold_out(demos)
     context.log.info(f"{len(demos)} demo steps from {source}; training LoRA SFT on {base}")
-    params = SFTParams(**config.model_dump(exclude={"demos_path"}), load_in_4bit=policy_model.load_in_4bit,
+    params = SFTParams(**config.model_dump(exclude={"demos_path", "scrub_pii"}), load_in_4bit=policy_model.load_in_4bit,
                        bf16=policy_model.train_bf16())
     out = artifact_store.path_for("sft_adapter", context.run_id)
-    with tracker.tracker().stage_run("sft", {**config.model_dump(), "base_model": policy_model.model, "tasks": tasks},
-                                     tags={"dagster_run_id": context.run_id}) as run:
+    with tracker.tracker().stage_run("sft", {**config.model_dump(), "base_model": policy_model.model, "tasks": tasks, "environment": env.name},
+                                     tags={"dagster_run_id": context.run_id, "environment": env.name}) as run:
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "demos.jsonl", demos)
             atomic_write_jsonl(tmp / "validation.jsonl", validation)
@@ -52,19 +60,21 @@ def sft_adapter(
             spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params),
                            scratch_dir=str(scratch_dir_for(out)))
             result = trainer.train(context, spec.write(tmp / "sft_job.json"))
-        run.log_metrics(result["metrics"])
+        run.log_metrics({**result["metrics"], **pii})
         run.log_artifact(out / "demos.jsonl")
         run.log_artifacts(out / "adapter", "adapter")
     value = {"adapter_dir": str(out / "adapter"), "base_model": base, "model": policy_model.model,
              "num_examples": result["num_examples"], "mlflow_run_id": run.run_id,
-             "validation_path": str(out / "validation.jsonl")}
+             "validation_path": str(out / "validation.jsonl"), "demos_path": str(out / "demos.jsonl")}
     return dg.MaterializeResult(
         value=value,
         metadata={
             "adapter_dir": dg.MetadataValue.path(value["adapter_dir"]),
             "base_model": base,
+            "environment": env.name,
             "demo_steps": len(demos),
             "demo_source": source,
+            **pii,
             "validation_states": len(validation),
             **{k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))},
             "mlflow_run_id": run.run_id,
