@@ -111,7 +111,7 @@ def run(args) -> dict:
     plan = SeedPlan.build(suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"],
                            eval_offset=args.eval_offset)
     # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
-    sft_cfg = {**SFTAdapterConfig(**ops["sft_adapter"]).model_dump(exclude={"demos_path"}), "seed": args.seed}
+    sft_cfg = {**SFTAdapterConfig(**ops["sft_adapter"]).model_dump(exclude={"demos_path", "scrub_pii"}), "seed": args.seed}
     dpo_cfg = {**DPOAdapterConfig(**ops["dpo_adapter"]).model_dump(), "seed": args.seed}
     roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()

@@ -12,6 +12,7 @@ import pandas as pd
 from pydantic import Field
 
 from dpo_assets.governance import audit_failed_gates, audit_gate_failure
+from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, preference_accuracy
 from dpo_driver.io import read_jsonl
 from dpo_driver.pii import PATTERN_ENTITY_TYPES, surviving
 from dpo_driver.policy import LMPolicy
@@ -218,4 +219,46 @@ def sft_adapter_pii(context: dg.AssetCheckExecutionContext, config: PiiGateConfi
     return _pii_check(context, tracker, "sft_adapter", demos, config.entity_types, sft_adapter.get("mlflow_run_id"))
 
 
-CHECKS = [sft_adapter_validation, sft_adapter_pii, rollout_trajectories_pii, preference_pairs_gates, rollout_trajectories_gates, evaluation_report_seeds_disjoint]
+class DPOGateConfig(dg.Config):
+    max_kl: float = Field(0.1, description="KL(policy || reference) per generated token on held-out prompts (the seed's target)")
+    min_preference_accuracy: float = Field(0.7, description="share of held-out pairs whose implicit reward prefers chosen")
+    max_prompts: int = Field(32, description="held-out prompts (SFT validation states) the KL is measured on")
+    max_new_tokens: int = Field(0, description="tokens the policy generates per KL prompt; 0 = the family's (Environment.max_new_tokens)")
+
+
+@dg.multi_asset_check(
+    specs=[dg.AssetCheckSpec("dpo_adapter_kl", asset="dpo_adapter", blocking=True,
+                             description="KL(policy || reference) per token on held-out prompts stays under max_kl"),
+           dg.AssetCheckSpec("dpo_adapter_preference_accuracy", asset="dpo_adapter", blocking=True,
+                             description="the DPO policy prefers chosen over rejected on the held-out pairs")],
+)
+def dpo_adapter_gates(context: dg.AssetCheckExecutionContext, config: DPOGateConfig, dpo_adapter: dict, policy_model: PolicyModel,
+                      environment: EnvironmentResource, tracker: MLflowTracker):
+    env = environment.get()
+    base, policy, reference = dpo_adapter["base_model"], dpo_adapter["adapter_dir"], dpo_adapter["start_adapter_dir"]
+    loaded = load_policy_and_reference(base, policy, reference, policy_model.dtype)
+    states = read_jsonl(Path(dpo_adapter["validation_path"])) if dpo_adapter.get("validation_path") else []
+    prompts = list(dict.fromkeys(r["prompt"][0]["content"] for r in states))[: config.max_prompts]
+    kl = kl_to_reference(base, policy, reference, prompts, config.max_new_tokens or env.max_new_tokens, loaded=loaded)
+    pairs = read_jsonl(Path(dpo_adapter["validation_pairs_path"])) if dpo_adapter.get("validation_pairs_path") else []
+    acc = preference_accuracy(base, policy, reference, pairs, loaded=loaded)
+    results = {"kl": kl.verdict(config.max_kl), "preference_accuracy": acc.verdict(config.min_preference_accuracy)}
+    values = {"kl": {"kl_per_token": kl.kl_per_token, "max_token_kl": kl.max_token_kl, "tokens": kl.num_tokens, "prompts": kl.num_prompts,
+                     "max_kl": config.max_kl},
+              "preference_accuracy": {"preference_accuracy": acc.accuracy, "mean_margin_nats": acc.mean_margin, "pairs": acc.num_pairs,
+                                      "min_preference_accuracy": config.min_preference_accuracy}}
+    run_id = dpo_adapter.get("mlflow_run_id")
+    for name, (passed, message) in results.items():
+        context.log.info(message)
+        if not passed:
+            audit_gate_failure(context, tracker, "dpo_adapter", f"dpo_adapter_{name}", message, run_id)
+        if run_id:
+            client = tracker.tracker().client
+            client.set_tag(run_id, f"gate.{name}", "pass" if passed else "FAIL")
+            client.log_metric(run_id, f"gate_{name}", float(next(iter(values[name].values()))))
+        extra = {"per_task": dg.MetadataValue.json(acc.per_task)} if name == "preference_accuracy" else {}
+        yield dg.AssetCheckResult(check_name=f"dpo_adapter_{name}", passed=passed, severity=dg.AssetCheckSeverity.ERROR,
+                                  description=message, metadata={**values[name], **extra})
+
+
+CHECKS = [sft_adapter_validation, sft_adapter_pii, rollout_trajectories_pii, dpo_adapter_gates, preference_pairs_gates, rollout_trajectories_gates, evaluation_report_seeds_disjoint]

@@ -51,6 +51,8 @@ class PairsConfig(dg.Config):
     rejected_must_parse: bool = Field(True, description="only well-formed (but wrong) actions may be rejected")
     shortest_chosen: bool = Field(True, description="chosen must be a success with the fewest steps left from the divergence "
                                   "state (a success that wasted steps where a shorter one exists is never chosen)")
+    validation_fraction: float = Field(0.1, description="share of each task's pairs held out of DPO training (whole prompts, "
+                                       "stratified by task; dpo_driver.dpo_gates.split_pairs) for the preference-accuracy gate")
     success_weight: float = Field(1.0, description="episode score: weight of task success")
     reward_weight: float | None = Field(None, description="episode score: weight of the family's graded reward; unset = the family's "
                                         "own (Environment.reward_weight: 0 for MiniWoB, whose reward decays with wall-clock time, "

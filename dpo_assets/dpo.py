@@ -27,7 +27,9 @@ def dpo_adapter(
     if preference_pairs.empty:
         raise ValueError("preference_pairs is empty: no prompt had both a success and a failure; "
                          "raise rollout samples_per_seed or temperature, or add rollout seeds")
-    records = to_dpo_records(preference_pairs)
+    train = preference_pairs[preference_pairs["split"] != "validation"] if "split" in preference_pairs else preference_pairs
+    held_out = to_dpo_records(preference_pairs[preference_pairs["split"] == "validation"]) if "split" in preference_pairs else []
+    records = to_dpo_records(train)
     params = DPOParams(**config.model_dump(), load_in_4bit=policy_model.load_in_4bit,
                        bf16=policy_model.train_bf16())
     out = artifact_store.path_for("dpo_adapter", context.run_id)
@@ -39,6 +41,7 @@ def dpo_adapter(
                                      tags={"dagster_run_id": context.run_id}) as run:
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "pairs.jsonl", records)
+            atomic_write_jsonl(tmp / "validation_pairs.jsonl", held_out)  # never trained on: the preference-accuracy gate's pairs
             spec = JobSpec("dpo", sft_adapter["base_model"], "pairs.jsonl", "adapter", params=asdict(params),
                            sft_adapter_dir=start,
                            scratch_dir=str(scratch_dir_for(out)))
@@ -46,7 +49,7 @@ def dpo_adapter(
         run.log_metrics(result["metrics"])
         run.log_artifacts(out / "adapter", "adapter")
     value = {**sft_adapter, "adapter_dir": str(out / "adapter"), "sft_adapter_dir": sft_adapter["adapter_dir"],
-             "start_adapter_dir": start,
+             "start_adapter_dir": start, "validation_pairs_path": str(out / "validation_pairs.jsonl"),
              "num_examples": result["num_examples"], "mlflow_run_id": run.run_id}
     return dg.MaterializeResult(
         value=value,
@@ -54,6 +57,7 @@ def dpo_adapter(
             "adapter_dir": dg.MetadataValue.path(value["adapter_dir"]),
             "reference_policy": f"frozen copy of {start}",
             "pairs": len(records),
+            "validation_pairs": len(held_out),
             **{k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))},
             "mlflow_run_id": run.run_id,
         },

@@ -6,12 +6,14 @@ import pandas as pd
 
 from dpo_assets._common import episode_logger
 from dpo_assets.configs import EvaluationConfig
+from dpo_driver.episode_traces import log_episode_traces
 from dpo_driver.io import atomic_dir, atomic_write_jsonl, atomic_write_text
 from dpo_driver.modelcard import build_model_card, pair_counts, publish_model_card
 from dpo_driver.policy import LMPolicy, Sampling
 from dpo_driver.registry import champion, record_evaluation
 from dpo_driver.report import build_report, plot_report
 from dpo_driver.rollouts import run_episodes
+from dpo_driver.ui import embed_png_markdown
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite
 
 
@@ -70,6 +72,7 @@ def evaluation_report(
             plot_report(report, tmp / "success_by_task.png")
         run.log_metrics({k: v for k, v in report.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         run.log_artifacts(out, "report")
+        traces = log_episode_traces(run, run.run_id, frame.to_dict("records"), stage="evaluation")  # browsable per step in MLflow
     diff_key = f"dpo_minus_{baseline}_points"
     reason = (f"evaluation {run.run_id}: dpo - {baseline} = {report.summary[diff_key]:+.1f} points "
               f"[{report.summary['diff_ci_low_points']:+.1f}, {report.summary['diff_ci_high_points']:+.1f}]")
@@ -101,7 +104,9 @@ def evaluation_report(
             "model_version": str(version.version),
             "champion": report.decision == "promote",
             "report_dir": dg.MetadataValue.path(str(out)),
-            "plot": dg.MetadataValue.path(str(out / "success_by_task.png")),
+            "plot": dg.MetadataValue.md(embed_png_markdown(out / "success_by_task.png", "success by task")),
+            "plot_path": dg.MetadataValue.path(str(out / "success_by_task.png")),
+            "mlflow_traces": traces,
             "model_card": dg.MetadataValue.path(str(card_path)),
             "mlflow_run_id": run.run_id,
         },

@@ -2,6 +2,7 @@ import dagster as dg
 import pandas as pd
 
 from dpo_assets.configs import PairsConfig
+from dpo_driver.dpo_gates import split_pairs
 from dpo_driver.io import atomic_dir, atomic_write_jsonl
 from dpo_driver.pairs import build_preference_pairs, pair_yield, to_dpo_records
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker
@@ -25,13 +26,16 @@ def preference_pairs(
     if len(acted) > 1:
         raise ValueError(f"rollout_trajectories mixes episodes of several policies: {acted}")
     pairs["policy_adapter"] = acted[0] if acted else None
+    _, held_out = split_pairs(pairs, config.validation_fraction)
+    pairs["split"] = ["validation" if p in set(held_out["pair_id"]) else "train" for p in pairs["pair_id"]]
     stats = pair_yield(episodes, pairs)
     out = artifact_store.path_for("preference_pairs", context.run_id)
     with tracker.tracker().stage_run("pairs", {**config.model_dump(), "environment": env.name},
                                      tags={"dagster_run_id": context.run_id, "environment": env.name}) as run:
         with atomic_dir(out) as tmp:
-            atomic_write_jsonl(tmp / "pairs.jsonl", to_dpo_records(pairs))
-        run.log_metrics({**stats, "mean_margin": float(pairs["margin"].mean()) if len(pairs) else 0.0})
+            atomic_write_jsonl(tmp / "pairs.jsonl", to_dpo_records(pairs[pairs["split"] == "train"]))
+            atomic_write_jsonl(tmp / "validation_pairs.jsonl", to_dpo_records(held_out))
+        run.log_metrics({**stats, "validation_pairs": len(held_out), "mean_margin": float(pairs["margin"].mean()) if len(pairs) else 0.0})
         run.log_artifact(out / "pairs.jsonl")
     context.log.info(f"{len(pairs)} pairs from {stats['prompts_with_both']}/{stats['prompts']} prompts with both outcomes")
     per_task = pairs.groupby("task").size().rename("pairs").to_frame() if len(pairs) else pd.DataFrame({"pairs": []})
@@ -41,6 +45,7 @@ def preference_pairs(
             "path": dg.MetadataValue.path(str(out / "pairs.jsonl")),
             "per_task": dg.MetadataValue.md(per_task.to_markdown()),
             **{k: float(v) for k, v in stats.items()},
+            "validation_pairs": len(held_out),
             "mlflow_run_id": run.run_id,
         },
     )

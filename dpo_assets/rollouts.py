@@ -6,6 +6,7 @@ from dpo_assets._common import episode_logger
 from dpo_assets.configs import RolloutConfig
 from pathlib import Path
 
+from dpo_driver.episode_traces import log_episode_traces
 from dpo_driver.io import atomic_dir, atomic_write_jsonl
 from dpo_driver.pii import counts_metadata, scrub_records
 from dpo_driver.traces import load_trace_jsonl
@@ -71,6 +72,7 @@ def rollout_trajectories(
         }
         run.log_metrics({**metrics, **pii})
         run.log_artifact(out / "episodes.jsonl")
+        metrics["mlflow_traces"] = log_episode_traces(run, run.run_id, episodes, stage="rollouts")
     context.log.info(f"rollouts done: {metrics}")
     return dg.MaterializeResult(
         value=frame,

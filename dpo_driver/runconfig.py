@@ -33,6 +33,8 @@ TINY = {
         "sft_adapter_validation": {"config": {"min_valid_fraction": 0.5, "min_expert_match": 0.0, "max_new_tokens": 12}},
         "preference_pairs_gates": {"config": {"min_pairs": 1, "require_rejected_parses": False}},
         "rollout_trajectories_gates": {"config": {}},
+        # A few pairs from a random model: held-out accuracy is noise (and may have no pair at all).
+        "dpo_adapter_gates": {"config": {"min_preference_accuracy": 0.0, "max_new_tokens": 12}},
     },
 }
 
