@@ -27,10 +27,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dpo_assets.checks import SFTGateConfig
+from dpo_assets.checks import DPOGateConfig, SFTGateConfig
 from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, RolloutConfig, SFTAdapterConfig
 from dpo_assets.presets import preset
 from dpo_driver.demos import generate_demos
+from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, preference_accuracy, split_pairs
 from dpo_driver.eto import build_eto_pairs, expert_paths
 from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.model import bf16_is_native, resolve_model
@@ -115,6 +116,7 @@ def run(args) -> dict:
     dpo_cfg = {**DPOAdapterConfig(**ops["dpo_adapter"]).model_dump(), "seed": args.seed}
     roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
+    gate_cfgs = DPOGateConfig(**ops.get("dpo_adapter_gates", {})).model_dump()
     pair_cfg = PairsConfig(**ops["preference_pairs"])  # the asset's own config class: same defaults
     pair_params, weights = pair_cfg.pair_params(), pair_cfg.score_weights(env)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo-learning-"))
@@ -130,8 +132,9 @@ def run(args) -> dict:
     with clock.stage("sft_validation"):
         # The DAG's blocking SFT gate, on the same validation slice of the demo band; here it is reported, not enforced.
         gate_cfg = SFTGateConfig(**ops.get("sft_adapter_validation", {}))  # the check's own defaults
-        val = validate_policy(LMPolicy(*load_policy(base, sft.adapter_dir), env=env),
-                              generate_demos(env, tasks, validation_seeds(suite.get("validation_seeds", 10), plan.demo)), env.parse,
+        validation = generate_demos(env, tasks, validation_seeds(suite.get("validation_seeds", 10), plan.demo))
+        validation_prompts = list(dict.fromkeys(r["prompt"][0]["content"] for r in validation))
+        val = validate_policy(LMPolicy(*load_policy(base, sft.adapter_dir), env=env), validation, env.parse,
                               gate_cfg.max_new_tokens or env.max_new_tokens)
         passed, message = val.verdict(gate_cfg.min_valid_fraction, gate_cfg.min_expert_match)
         sft_validation = {"passed": passed, "message": message, "valid_fraction": round(val.valid_fraction, 4),
@@ -169,13 +172,25 @@ def run(args) -> dict:
         if pairs.empty:
             rounds.append({"round": r, **stats, "decision": "no pairs"})
             break
+        # As preference_pairs does: whole prompts held out per task for the preference-accuracy gate.
+        train_pairs, held_out = split_pairs(pairs, pair_cfg.validation_fraction)
         with clock.stage(f"dpo_r{r}"):
-            dpo = train_dpo(base, current, to_dpo_records(pairs), work / f"dpo_r{r}", DPOParams(**dpo_cfg))
+            dpo = train_dpo(base, current, to_dpo_records(train_pairs), work / f"dpo_r{r}", DPOParams(**dpo_cfg))
+        with clock.stage(f"dpo_gates_r{r}"):  # the DAG's blocking dpo_adapter checks; reported here, not enforced
+            loaded = load_policy_and_reference(base, dpo.adapter_dir, current)
+            acc = preference_accuracy(base, dpo.adapter_dir, current, to_dpo_records(held_out), loaded=loaded)
+            kl = kl_to_reference(base, dpo.adapter_dir, current, validation_prompts[: gate_cfgs["max_prompts"]],
+                                 gate_cfgs["max_new_tokens"] or env.max_new_tokens, loaded=loaded)
+            del loaded
+            gates = {"preference_accuracy": round(acc.accuracy, 4), "validation_pairs": acc.num_pairs,
+                     "preference_accuracy_passed": acc.verdict(gate_cfgs["min_preference_accuracy"])[0],
+                     "kl_per_token": round(kl.kl_per_token, 4), "kl_passed": kl.verdict(gate_cfgs["max_kl"])[0]}
+            print(f"gates r{r}: {gates}", flush=True)
         if "rft" in arms:
             # The control sees the same rollouts round by round: it continues its own previous round
             # on this round's chosen actions with DPO's data, steps, lr and batch; only the loss differs.
             with clock.stage(f"rft_r{r}"):
-                rft_current = train_sft(base, rft_records(pairs), work / f"rft_r{r}", rft_params, init_adapter_dir=rft_current).adapter_dir
+                rft_current = train_sft(base, rft_records(train_pairs), work / f"rft_r{r}", rft_params, init_adapter_dir=rft_current).adapter_dir
         name = f"dpo_r{r}"
         evaluate(name, dpo.adapter_dir)
         prev = np.array([e["success"] for e in eval_eps[current_name]], float)
@@ -185,7 +200,7 @@ def run(args) -> dict:
         verdict = decide(diff, lo, hi)
         # A round is promoted unless it is shown worse than the policy it started from.
         promoted = verdict != "keep previous"
-        rounds.append({"round": r, **stats, "dpo_metrics": {k: round(v, 4) for k, v in dpo.metrics.items()},
+        rounds.append({"round": r, **stats, "dpo_gates": gates, "dpo_metrics": {k: round(v, 4) for k, v in dpo.metrics.items()},
                        "tasks": _per_task(eval_eps[name], tasks),
                        "mean_success": round(float(new.mean()), 4), "vs_previous_points": round(100 * diff, 1),
                        "ci_points": [round(100 * lo, 1), round(100 * hi, 1)], "decision": verdict, "promoted": promoted})

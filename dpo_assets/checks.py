@@ -14,6 +14,7 @@ from pydantic import Field
 from dpo_assets.governance import audit_failed_gates, audit_gate_failure
 from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, preference_accuracy
 from dpo_driver.io import read_jsonl
+from dpo_driver.options import default
 from dpo_driver.pii import PATTERN_ENTITY_TYPES, surviving
 from dpo_driver.policy import LMPolicy
 from dpo_driver.quality import (GateResult, PairGateThresholds, check_eval_seeds_disjoint, repeated_page_tasks, run_pair_gates,
@@ -27,14 +28,14 @@ TRAJECTORY_GATES = ("count", "terminal_reward", "known_task", "env_errors")
 
 
 class PairGateConfig(dg.Config):
-    min_pairs: int = Field(1000, description="pair-count gate; production default from the seed templates, presets set their own")
-    min_margin: float = Field(0.5, description="every pair's score margin must reach this")
-    min_mean_margin: float = Field(0.15, description="the mean margin must reach this preference-gap target")
-    ngram: int = Field(12, description="word n-gram size for overlap with evaluation prompts")
+    min_pairs: int = Field(default(PairGateThresholds, "min_pairs"), description="pair-count gate; production default from the seed templates, presets set their own")
+    min_margin: float = Field(default(PairGateThresholds, "min_margin"), description="every pair's score margin must reach this")
+    min_mean_margin: float = Field(default(PairGateThresholds, "min_mean_margin"), description="the mean margin must reach this preference-gap target")
+    ngram: int = Field(default(PairGateThresholds, "ngram"), description="word n-gram size for overlap with evaluation prompts")
     # enter-text prompts of different seeds differ in one name only (~0.57 overlap): 0.8 still
     # catches a near-verbatim copy of an eval prompt while the seed check catches the rest.
-    max_ngram_overlap: float = Field(0.8, description="a pair is contaminated above this n-gram overlap with an eval prompt")
-    min_decontamination_score: float = Field(1.0, description="fraction of pairs that must be clean; eval seeds always fail")
+    max_ngram_overlap: float = Field(default(PairGateThresholds, "max_ngram_overlap"), description="a pair is contaminated above this n-gram overlap with an eval prompt")
+    min_decontamination_score: float = Field(default(PairGateThresholds, "min_decontamination_score"), description="fraction of pairs that must be clean; eval seeds always fail")
     # click-tab pages are "Tab #k of n" lists: every held-out page also occurs among training
     # seeds word for word, so text overlap cannot separate splits there; the seed gate still applies.
     ngram_exempt_tasks: list[str] = Field([], description="tasks exempt from text decontamination besides those found automatically "
@@ -42,9 +43,11 @@ class PairGateConfig(dg.Config):
     min_distinct_eval_pages: float = Field(1.0, description="a task whose held-out pages are less than this fraction distinct (1.0: "
                                            "any page shown on two held-out seeds) repeats its pages across seeds: text overlap cannot "
                                            "separate splits there, so it is exempt")
-    max_prompt_chars: int = Field(4000, description="length gate on prompts (chars; the trainer enforces tokens)")
-    max_completion_chars: int = Field(200, description="length gate on chosen/rejected (chars)")
-    require_rejected_parses: bool = Field(True, description="every rejected completion must parse as an action")
+    max_prompt_chars: int = Field(default(PairGateThresholds, "max_prompt_chars"), description="length gate on prompts (chars; the trainer enforces tokens)")
+    max_completion_chars: int = Field(default(PairGateThresholds, "max_completion_chars"), description="length gate on chosen/rejected (chars)")
+    require_rejected_parses: bool = Field(default(PairGateThresholds, "require_rejected_parses"), description="every rejected completion must parse as an action")
+    max_near_duplicate_fraction: float = Field(default(PairGateThresholds, "max_near_duplicate_fraction"),
+                                               description="near-duplicate prompts tolerated; 1.0 = counted, not gated")
 
 
 class TrajectoryGateConfig(dg.Config):

@@ -5,39 +5,43 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
+from dpo_driver.options import default
+from dpo_driver.pairs import PairParams, ScoreWeights
+from dpo_driver.policy import Sampling
 from dpo_driver.runconfig import DEFAULT_SAMPLES_PER_SEED
+from dpo_driver.training import DPOParams, SFTParams
 
 
 class SFTAdapterConfig(dg.Config):
     demos_path: str = Field("", description="JSONL of golden demos; empty = generate them with the scripted experts on demo seeds")
-    lora_r: int = Field(16, description="LoRA rank (peft.LoraConfig.r)")
-    lora_alpha: int = Field(32, description="LoRA scaling (peft.LoraConfig.lora_alpha)")
-    lora_dropout: float = Field(0.05, description="peft.LoraConfig.lora_dropout")
-    learning_rate: float = Field(2e-4, description="trl.SFTConfig.learning_rate")
-    num_train_epochs: float = Field(3.0, description="trl.SFTConfig.num_train_epochs: passes over the demos")
-    min_steps: int = Field(20, description="optimizer-step floor (trl.SFTConfig.max_steps = max(this, epochs x steps per epoch)): "
+    lora_r: int = Field(default(SFTParams, "lora_r"), description="LoRA rank (peft.LoraConfig.r)")
+    lora_alpha: int = Field(default(SFTParams, "lora_alpha"), description="LoRA scaling (peft.LoraConfig.lora_alpha)")
+    lora_dropout: float = Field(default(SFTParams, "lora_dropout"), description="peft.LoraConfig.lora_dropout")
+    learning_rate: float = Field(default(SFTParams, "learning_rate"), description="trl.SFTConfig.learning_rate")
+    num_train_epochs: float = Field(default(SFTParams, "num_train_epochs"), description="trl.SFTConfig.num_train_epochs: passes over the demos")
+    min_steps: int = Field(default(SFTParams, "min_steps"), description="optimizer-step floor (trl.SFTConfig.max_steps = max(this, epochs x steps per epoch)): "
                            "a suite with few demos still gets the updates the 4-task default suite gets from 5 epochs")
-    per_device_train_batch_size: int = Field(8, description="trl.SFTConfig.per_device_train_batch_size")
-    gradient_accumulation_steps: int = Field(1, description="trl.SFTConfig.gradient_accumulation_steps")
-    max_length: int = Field(512, description="trl.SFTConfig.max_length (tokens); longer demos are truncated")
-    seed: int = Field(0, description="training seed")
-    checkpoint_steps: int = Field(0, description="trl.SFTConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
+    per_device_train_batch_size: int = Field(default(SFTParams, "per_device_train_batch_size"), description="trl.SFTConfig.per_device_train_batch_size")
+    gradient_accumulation_steps: int = Field(default(SFTParams, "gradient_accumulation_steps"), description="trl.SFTConfig.gradient_accumulation_steps")
+    max_length: int = Field(default(SFTParams, "max_length"), description="trl.SFTConfig.max_length (tokens); longer demos are truncated")
+    seed: int = Field(default(SFTParams, "seed"), description="training seed")
+    checkpoint_steps: int = Field(default(SFTParams, "checkpoint_steps"), description="trl.SFTConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
     scrub_pii: bool = Field(True, description="replace PII (dpo_driver.pii) in the demos before they are stored as training data; "
                             "the blocking check sft_adapter_pii re-scans either way")
 
 
 class RolloutConfig(dg.Config):
     samples_per_seed: int = Field(DEFAULT_SAMPLES_PER_SEED, description="K: sampled episodes per task seed")
-    temperature: float = Field(1.0, description="sampling temperature (0 = greedy)")
-    top_k: int = Field(0, description="top-k sampling cutoff; 0 = off")
-    top_p: float = Field(1.0, description="nucleus sampling cutoff")
-    strategy: str = Field("sample", description="'sample': K i.i.d. samples per state; 'verbs': K samples split over the verbs the "
+    temperature: float = Field(default(Sampling, "temperature"), description="sampling temperature (0 = greedy)")
+    top_k: int = Field(default(Sampling, "top_k"), description="top-k sampling cutoff; 0 = off")
+    top_p: float = Field(default(Sampling, "top_p"), description="nucleus sampling cutoff")
+    strategy: str = Field(default(Sampling, "strategy"), description="'sample': K i.i.d. samples per state; 'verbs': K samples split over the verbs the "
                           "page allows, each distinct one played out greedily, and later states of successes branched the same way; 'candidates': "
                           "'verbs' plus every action the page offers (each element clicked, each quoted task string typed)")
     max_new_tokens: int = Field(0, description="tokens generated per action; 0 = the family's (Environment.max_new_tokens)")
     max_steps: int = Field(0, description="steps before an episode is cut off as a failure; 0 = the task's own limit "
                            "(Environment.max_steps; MiniWoB: its expert's longest episode plus slack)")
-    batch_size: int = Field(16, description="prompts per generate() call")
+    batch_size: int = Field(default(Sampling, "batch_size"), description="prompts per generate() call")
     seed: int = Field(0, description="sampling seed")
     traces_path: str = Field("", description="JSONL of logged agent traces (dpo_driver.traces schema) used as the episodes instead of "
                              "sampling rollouts; empty = sample rollouts in the environment")
@@ -46,19 +50,19 @@ class RolloutConfig(dg.Config):
 
 
 class PairsConfig(dg.Config):
-    min_margin: float = Field(0.5, description="minimum score gap between chosen and rejected episode")
-    max_pairs_per_prompt: int = Field(2, description="cap on pairs from one state prompt (a multi-step seed has one per state)")
-    rejected_must_parse: bool = Field(True, description="only well-formed (but wrong) actions may be rejected")
-    shortest_chosen: bool = Field(True, description="chosen must be a success with the fewest steps left from the divergence "
+    min_margin: float = Field(default(PairParams, "min_margin"), description="minimum score gap between chosen and rejected episode")
+    max_pairs_per_prompt: int = Field(default(PairParams, "max_pairs_per_prompt"), description="cap on pairs from one state prompt (a multi-step seed has one per state)")
+    rejected_must_parse: bool = Field(default(PairParams, "rejected_must_parse"), description="only well-formed (but wrong) actions may be rejected")
+    shortest_chosen: bool = Field(default(PairParams, "shortest_chosen"), description="chosen must be a success with the fewest steps left from the divergence "
                                   "state (a success that wasted steps where a shorter one exists is never chosen)")
     validation_fraction: float = Field(0.1, description="share of each task's pairs held out of DPO training (whole prompts, "
                                        "stratified by task; dpo_driver.dpo_gates.split_pairs) for the preference-accuracy gate")
-    success_weight: float = Field(1.0, description="episode score: weight of task success")
+    success_weight: float = Field(default(ScoreWeights, "success"), description="episode score: weight of task success")
     reward_weight: float | None = Field(None, description="episode score: weight of the family's graded reward; unset = the family's "
                                         "own (Environment.reward_weight: 0 for MiniWoB, whose reward decays with wall-clock time, "
                                         "so nonzero makes same-seed reruns pick different pairs; 1 for SQL's partial credit)")
-    step_penalty: float = Field(0.02, description="episode score: penalty per step")
-    invalid_penalty: float = Field(0.5, description="episode score: penalty for an invalid action")
+    step_penalty: float = Field(default(ScoreWeights, "step_penalty"), description="episode score: penalty per step")
+    invalid_penalty: float = Field(default(ScoreWeights, "invalid_penalty"), description="episode score: penalty for an invalid action")
 
     def pair_params(self):
         from dpo_driver.pairs import PairParams
@@ -73,18 +77,18 @@ class PairsConfig(dg.Config):
 
 
 class DPOAdapterConfig(dg.Config):
-    beta: float = Field(0.1, description="trl.DPOConfig.beta: strength of the KL tie to the reference (SFT) policy")
-    loss_type: list[str] = Field(["sigmoid"], description="trl.DPOConfig.loss_type; e.g. ['sigmoid', 'sft'] mixes in an SFT term on chosen")
-    loss_weights: list[float] | None = Field(None, description="trl.DPOConfig.loss_weights, one per loss_type")
-    learning_rate: float = Field(5e-5, description="trl.DPOConfig.learning_rate")
-    num_train_epochs: float = Field(1.0, description="trl.DPOConfig.num_train_epochs: passes over the pairs")
-    min_steps: int = Field(30, description="optimizer-step floor (trl.DPOConfig.max_steps = max(this, epochs x steps per epoch)): "
+    beta: float = Field(default(DPOParams, "beta"), description="trl.DPOConfig.beta: strength of the KL tie to the reference (SFT) policy")
+    loss_type: list[str] = Field(default(DPOParams, "loss_type"), description="trl.DPOConfig.loss_type; e.g. ['sigmoid', 'sft'] mixes in an SFT term on chosen")
+    loss_weights: list[float] | None = Field(default(DPOParams, "loss_weights"), description="trl.DPOConfig.loss_weights, one per loss_type")
+    learning_rate: float = Field(default(DPOParams, "learning_rate"), description="trl.DPOConfig.learning_rate")
+    num_train_epochs: float = Field(default(DPOParams, "num_train_epochs"), description="trl.DPOConfig.num_train_epochs: passes over the pairs")
+    min_steps: int = Field(default(DPOParams, "min_steps"), description="optimizer-step floor (trl.DPOConfig.max_steps = max(this, epochs x steps per epoch)): "
                            "a round with few pairs still gets this many updates")
-    per_device_train_batch_size: int = Field(4, description="trl.DPOConfig.per_device_train_batch_size")
-    gradient_accumulation_steps: int = Field(1, description="trl.DPOConfig.gradient_accumulation_steps")
-    max_length: int = Field(512, description="trl.DPOConfig.max_length (tokens)")
-    seed: int = Field(0, description="training seed")
-    checkpoint_steps: int = Field(0, description="trl.DPOConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
+    per_device_train_batch_size: int = Field(default(DPOParams, "per_device_train_batch_size"), description="trl.DPOConfig.per_device_train_batch_size")
+    gradient_accumulation_steps: int = Field(default(DPOParams, "gradient_accumulation_steps"), description="trl.DPOConfig.gradient_accumulation_steps")
+    max_length: int = Field(default(DPOParams, "max_length"), description="trl.DPOConfig.max_length (tokens)")
+    seed: int = Field(default(DPOParams, "seed"), description="training seed")
+    checkpoint_steps: int = Field(default(DPOParams, "checkpoint_steps"), description="trl.DPOConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
 
 
 class EvaluationConfig(dg.Config):
@@ -94,3 +98,5 @@ class EvaluationConfig(dg.Config):
     batch_size: int = Field(16, description="prompts per generate() call")
     confidence: float = Field(0.95, description="level of every reported interval")
     n_boot: int = Field(10000, description="paired bootstrap resamples for the DPO - SFT difference")
+    min_retention: float = Field(0.95, description="promote also needs DPO to keep this share of the baseline's success on "
+                                 "task_suite.retention_tasks (tasks outside the training suite); no retention tasks = not checked")

@@ -1,4 +1,5 @@
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
@@ -11,7 +12,7 @@ from dpo_driver.io import atomic_dir, atomic_write_jsonl, atomic_write_text
 from dpo_driver.modelcard import build_model_card, pair_counts, publish_model_card
 from dpo_driver.policy import LMPolicy, Sampling
 from dpo_driver.registry import champion, record_evaluation
-from dpo_driver.report import build_report, plot_report
+from dpo_driver.report import build_report, plot_report, retention, with_retention
 from dpo_driver.rollouts import run_episodes
 from dpo_driver.ui import embed_png_markdown
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite
@@ -59,6 +60,24 @@ def evaluation_report(
         frame = frame[[(t, s) not in bad for t, s in zip(frame["task"], frame["seed"])]]
     report = build_report(frame, baseline=baseline, candidate="dpo", confidence=config.confidence, n_boot=config.n_boot)
     report.summary["environment"] = env.name
+    held_out_tasks = task_suite.retention_list(env)
+    kept, kept_eps = None, []
+    if held_out_tasks:  # capability retention: what the round did to tasks it never trained on
+        kept_eps = []
+        for name in (baseline, "dpo"):
+            model, tokenizer = policy_model.load(arms[name])
+            kept_eps += run_episodes(LMPolicy(model, tokenizer, env), env, held_out_tasks, list(plan.eval), 1, greedy, config.max_steps,
+                                     policy_name=name, on_progress=episode_logger(context, f"retention {name}"))
+            del model
+        kept_frame = pd.DataFrame(kept_eps)
+        kept_frame = kept_frame[~kept_frame["env_error"]]
+        kept = retention(kept_frame, baseline, "dpo", config.min_retention, config.confidence, config.n_boot)
+        decision = with_retention(report.decision, kept)
+        report.summary.update(decision=decision, retention=asdict(kept) | {"ratio": kept.ratio, "passed": kept.passed})
+        report.markdown += f"\n\nCapability {kept.line()}: {'kept' if kept.passed else '**not kept**'}."
+        if decision != report.decision:
+            report.markdown += f" Decision: **{decision}** (was {report.decision})."
+        report.decision = decision
     out = artifact_store.path_for("evaluation_report", context.run_id)
     with tracker.tracker().stage_run("evaluation", {**config.model_dump(), "tasks": tasks, "eval_seeds": len(plan.eval), "environment": env.name,
                                                     "sft_run_id": sft_adapter["mlflow_run_id"],
@@ -67,6 +86,8 @@ def evaluation_report(
                                            "environment": env.name}) as run:
         with atomic_dir(out) as tmp:
             atomic_write_jsonl(tmp / "episodes.jsonl", frame.to_dict("records"))
+            if kept_eps:
+                atomic_write_jsonl(tmp / "retention_episodes.jsonl", kept_eps)
             atomic_write_text(tmp / "report.md", report.markdown + "\n")
             atomic_write_text(tmp / "report.json", json.dumps(report.summary, indent=2) + "\n")
             plot_report(report, tmp / "success_by_task.png")

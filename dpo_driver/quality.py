@@ -48,8 +48,9 @@ class PairGateThresholds:
     min_mean_margin: float = 0.15  # the preference-gap target from the seed templates
     ngram: int = 12  # word n-gram size for prompt overlap with eval prompts (normalized text)
     # A pair is contaminated when more than this fraction of its prompt's n-grams occur in
-    # some eval prompt.
-    max_ngram_overlap: float = 0.5
+    # some eval prompt. enter-text prompts of different seeds differ in one name only (~0.57
+    # overlap): 0.8 still catches a near-verbatim copy while the seed check catches the rest.
+    max_ngram_overlap: float = 0.8
     # Fraction of pairs that must be free of n-gram contamination (GE `mostly`). The seed
     # templates say 0.9; ours is 1.0. Pairs from held-out eval seeds always fail, whatever this.
     min_decontamination_score: float = 1.0
@@ -57,7 +58,7 @@ class PairGateThresholds:
     # it; counting tokens here would need the tokenizer. Chars are a conservative proxy (these
     # prompts are ASCII English, ~4 chars/token); presets that shorten max_length lower these.
     max_prompt_chars: int = 4000
-    max_completion_chars: int = 200
+    max_completion_chars: int = 1000  # tool-use answers (Thought + JSON) and SQL queries run to a few hundred
     # The issue asks that every completion parse; a run that deliberately trains against
     # malformed outputs as `rejected` sets this False.
     require_rejected_parses: bool = True

@@ -206,3 +206,48 @@ def plot_report(report_or_table: EvalReport | pd.DataFrame, path: Path) -> Path:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
     return atomic_write_bytes(path, png.getvalue(), mode=0o644)  # 0644: the chart is meant to be read by the UI
+
+
+@dataclass
+class Retention:
+    """What the round did to tasks it did not train on: the candidate's success there against the
+    baseline's, with the paired interval of the difference."""
+
+    tasks: list[str]
+    n: int
+    baseline: float
+    candidate: float
+    diff_points: float
+    ci_points: tuple[float, float]
+    min_ratio: float
+
+    @property
+    def ratio(self) -> float:
+        return self.candidate / self.baseline if self.baseline > 0 else 1.0  # nothing to lose where the baseline never succeeds
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio >= self.min_ratio
+
+    def line(self) -> str:
+        return (f"retention on {', '.join(self.tasks)} ({self.n} episodes): {100 * self.candidate:.0f}% vs {100 * self.baseline:.0f}%, "
+                f"{self.ratio:.0%} of the baseline (needs {self.min_ratio:.0%}); difference {_pts(self.diff_points)} "
+                f"[{_pts(self.ci_points[0])}, {_pts(self.ci_points[1])}] points")
+
+
+def retention(episodes: pd.DataFrame, baseline: str, candidate: str, min_ratio: float = 0.95, confidence: float = 0.95,
+              n_boot: int = 10000, seed: int = 0) -> Retention:
+    """Capability retention on held-out tasks: the candidate must keep `min_ratio` of the baseline's
+    (task-averaged) success there. `episodes` hold both policies on the same (task, seed) items."""
+    df = _validated(episodes, baseline, candidate)
+    wide = df.pivot(index=["task", "seed"], columns="policy", values="success").sort_index()
+    tasks = wide.index.get_level_values("task")
+    d, lo, hi = paired_bootstrap_diff(wide[baseline], wide[candidate], strata=tasks, n_boot=n_boot, confidence=confidence, seed=seed)
+    means = wide.groupby(level="task").mean()
+    return Retention(sorted(set(tasks)), len(wide), float(means[baseline].mean()), float(means[candidate].mean()),
+                     100 * d, (100 * lo, 100 * hi), min_ratio)
+
+
+def with_retention(decision: str, kept: Retention | None) -> str:
+    """The promotion rule with retention: "promote" also needs the retention set kept."""
+    return "keep previous" if decision == "promote" and kept is not None and not kept.passed else decision

@@ -35,7 +35,7 @@ class SFTParams:
     target_modules: str | list[str] = "all-linear"  # PEFT target modules; "all-linear" skips lm_head
     learning_rate: float = 2e-4  # AdamW peak learning rate (linear decay)
     num_train_epochs: float = 3.0  # passes over the demos
-    min_steps: int = 0  # optimizer-step floor: a small suite still gets this many updates (see train_steps)
+    min_steps: int = 20  # optimizer-step floor: a small suite still gets the updates the 4-task default gets from 5 epochs (see train_steps)
     per_device_train_batch_size: int = 8  # examples per step before accumulation
     gradient_accumulation_steps: int = 1  # steps summed per optimizer update
     max_length: int = 512  # tokens per prompt+completion; longer ones are truncated at the end
@@ -54,7 +54,7 @@ class DPOParams:
     loss_weights: list[float] | None = None  # one weight per loss_type; None = all 1.0
     learning_rate: float = 5e-5  # AdamW peak learning rate (linear decay)
     num_train_epochs: float = 1.0  # passes over the pairs
-    min_steps: int = 0  # optimizer-step floor: a round with few pairs still gets this many updates (see train_steps)
+    min_steps: int = 30  # optimizer-step floor: a round with few pairs still gets this many updates (see train_steps)
     per_device_train_batch_size: int = 4  # pairs per step before accumulation
     gradient_accumulation_steps: int = 1  # steps summed per optimizer update
     max_length: int = 512  # tokens per prompt+response; longer ones are truncated at the end

@@ -12,6 +12,17 @@ class TaskSuite(dg.ConfigurableResource):
     rollout_seeds: int = 50  # training seeds per task the policy acts on
     eval_seeds: int = 50  # held-out seeds per task for evaluation
     validation_seeds: int = 10  # expert episodes per task on a validation slice of the demo band: the SFT gate's states
+    # Tasks of the family this round does not train on; evaluation checks DPO keeps the baseline's success there.
+    retention_tasks: list[str] = []
+
+    def retention_list(self, env: Environment) -> list[str]:
+        if not self.retention_tasks:
+            return []
+        kept = env.suite(self.retention_tasks)
+        trained = set(self.task_list(env)) & set(kept)
+        if trained:
+            raise ValueError(f"retention_tasks {sorted(trained)} are also trained on: retention is measured on tasks outside the suite")
+        return kept
 
     def task_list(self, env: Environment) -> list[str]:
         return env.suite(self.tasks)

@@ -83,6 +83,8 @@ def test_whole_dag_runs_on_the_family(family, tasks, tmp_path, monkeypatch):
     }
     env = load_environment(family)
     config = family_config(family, tasks)
+    if family == "sql":  # capability retention on a level this round does not train
+        config["resources"]["task_suite"]["config"]["retention_tasks"] = ["sql-group"]
     if family == "tooluse":
         # A random model never completes a multi-step tool episode, so this family's episodes come
         # from logged traces (rollout_trajectories.traces_path): the import path, through every gate.
@@ -98,6 +100,9 @@ def test_whole_dag_runs_on_the_family(family, tasks, tmp_path, monkeypatch):
     assert len(pairs) > 0 and all(env.parse(c).ok for c in pairs["chosen"])
     report = result.output_for_node("evaluation_report")
     assert report["environment"] == env.name and report["decision"] in ("promote", "keep previous", "needs review")
+    if family == "sql":
+        kept = report["summary"]["retention"]
+        assert kept["tasks"] == ["sql-group"] and kept["n"] == 3 and kept["passed"] == (kept["candidate"] >= 0.95 * kept["baseline"])
     runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()])
     assert {r.data.tags.get("environment") for r in runs if r.data.tags.get("stage") in ("sft", "rollouts", "pairs", "evaluation")} == {env.name}

@@ -52,7 +52,7 @@ def sft_value(home):
     base = resolve_model("tiny-random")
     records = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
                for p, c in zip(good_pairs()["prompt"], good_pairs()["chosen"])]
-    result = train_sft(base, records, home / "sft", SFTParams(num_train_epochs=1, per_device_train_batch_size=3, max_length=128))
+    result = train_sft(base, records, home / "sft", SFTParams(min_steps=0, num_train_epochs=1, per_device_train_batch_size=3, max_length=128))
     return {"adapter_dir": str(result.adapter_dir), "base_model": base, "model": "tiny-random", "num_examples": 6,
             "mlflow_run_id": "none"}
 

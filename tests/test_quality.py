@@ -42,7 +42,7 @@ def frame(*rows: dict) -> pd.DataFrame:
 
 
 GOOD = [pair(i) for i in range(5)]
-SMALL = PairGateThresholds(min_pairs=3)
+SMALL = PairGateThresholds(min_pairs=3, max_ngram_overlap=0.5)  # the near copy below overlaps an eval prompt by 0.5-0.8
 
 
 def gates(df: pd.DataFrame, thresholds: PairGateThresholds = SMALL):
@@ -120,7 +120,7 @@ def test_pair_from_an_eval_seed_fails_decontamination():
 
 
 def test_eval_seed_is_a_hard_failure_even_when_mostly_allows_some_contamination():
-    lenient = PairGateThresholds(min_pairs=3, min_decontamination_score=0.5)
+    lenient = PairGateThresholds(min_pairs=3, max_ngram_overlap=0.5, min_decontamination_score=0.5)
     assert not gates(frame(*GOOD[:4], pair(4, seed=2_000_001)), lenient)["decontamination"].passed
 
 
@@ -140,8 +140,8 @@ def test_near_copy_of_an_eval_prompt_fails_decontamination():
 
 def test_min_decontamination_score_is_the_mostly_of_the_overlap_expectation():
     df = frame(*GOOD[:4], pair(4, prompt=near_copy_of_eval_prompt()))
-    assert gates(df, PairGateThresholds(min_pairs=3, min_decontamination_score=0.8))["decontamination"].passed
-    assert not gates(df, PairGateThresholds(min_pairs=3, min_decontamination_score=0.9))["decontamination"].passed
+    assert gates(df, PairGateThresholds(min_pairs=3, max_ngram_overlap=0.5, min_decontamination_score=0.8))["decontamination"].passed
+    assert not gates(df, PairGateThresholds(min_pairs=3, max_ngram_overlap=0.5, min_decontamination_score=0.9))["decontamination"].passed
 
 
 def test_empty_completion_fails_format():

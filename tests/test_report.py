@@ -152,3 +152,20 @@ def test_plot_rejects_a_table_without_rates(tmp_path):
     with pytest.raises(ValueError, match="_rate columns"):
         plot_report(pd.DataFrame({"x": [1]}), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_retention_blocks_a_promotion_that_loses_held_out_skill():
+    from dpo_driver.report import retention, with_retention
+
+    rows = [{"policy": p, "task": t, "seed": s, "success": ok}
+            for t in ("a", "b") for s in range(10)
+            for p, ok in (("sft", s < 8), ("dpo", s < 4))]
+    kept = retention(pd.DataFrame(rows), "sft", "dpo", min_ratio=0.95, n_boot=2000)
+    assert kept.baseline == 0.8 and kept.candidate == 0.4 and kept.ratio == 0.5 and not kept.passed
+    assert kept.ci_points[1] < 0 and "50% of the baseline (needs 95%)" in kept.line()
+    assert with_retention("promote", kept) == "keep previous"
+    assert with_retention("needs review", kept) == "needs review" and with_retention("promote", None) == "promote"
+    same = retention(pd.DataFrame([{**r, "success": r["seed"] < 8} for r in rows]), "sft", "dpo", n_boot=2000)
+    assert same.passed and with_retention("promote", same) == "promote"
+    never = retention(pd.DataFrame([{**r, "success": False} for r in rows]), "sft", "dpo", n_boot=2000)
+    assert never.ratio == 1.0 and never.passed  # nothing to lose where the baseline never succeeds

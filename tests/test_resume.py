@@ -65,7 +65,7 @@ def test_leftover_checkpoints_of_another_job_are_not_resumed(tmp_path, cache):
     (stale / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     (scratch_dir_for(out) / "job.sha256").write_text("another job\n")
     steps = []
-    params = SFTParams(num_train_epochs=1, per_device_train_batch_size=4, logging_steps=1, max_length=64)
+    params = SFTParams(min_steps=0, num_train_epochs=1, per_device_train_batch_size=4, logging_steps=1, max_length=64)
     train_sft("tiny-random", RECORDS, out, params, on_log=lambda logs: steps.append(logs["step"]))
     assert steps[0] == 1 and not scratch_dir_for(out).exists()  # trained from step 0, not from the stale checkpoint-4
 

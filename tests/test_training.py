@@ -39,8 +39,8 @@ KTO_RECORDS = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True}
     {"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in DPO_RECORDS[::2]
 ]
 # A high LR so the SFT adapter is far from identity (LoRA B starts at zero, so untrained == base).
-SFT = SFTParams(learning_rate=1e-2, num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1)
-DPO = DPOParams(learning_rate=1e-3, per_device_train_batch_size=4, logging_steps=1)
+SFT = SFTParams(min_steps=0, learning_rate=1e-2, num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1)
+DPO = DPOParams(min_steps=0, learning_rate=1e-3, per_device_train_batch_size=4, logging_steps=1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -218,10 +218,10 @@ def test_train_steps_is_epochs_with_a_floor():
     from dpo_driver.training import train_steps
 
     # 16 records, batch 4: 4 steps per epoch.
-    assert train_steps(SFTParams(num_train_epochs=2, per_device_train_batch_size=4), 16) == 8
+    assert train_steps(SFTParams(min_steps=0, num_train_epochs=2, per_device_train_batch_size=4), 16) == 8
     assert train_steps(SFTParams(num_train_epochs=2, per_device_train_batch_size=4, min_steps=20), 16) == 20
     assert train_steps(SFTParams(num_train_epochs=2, per_device_train_batch_size=4, min_steps=20), 64) == 32
-    assert train_steps(DPOParams(num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2), 17) == 3
+    assert train_steps(DPOParams(min_steps=0, num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2), 17) == 3
     assert train_steps(DPOParams(num_train_epochs=0.5, per_device_train_batch_size=4, min_steps=1), 2) == 1
 
 
