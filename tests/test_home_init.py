@@ -41,3 +41,37 @@ def test_init_is_idempotent(tmp_path, monkeypatch):
     init_home()
     assert (tmp_path / "mlflow.db").stat().st_size == before
     assert (tmp_path / "dagster" / "dagster.yaml").is_file()
+
+
+# What `dpo-driver run` / scripts/run_pipeline.sh do: initialise the home, then run a job (here a
+# one-asset job that also opens an MLflow run, standing in for the DAG's stores) on that instance.
+RUN = """
+import dagster as dg
+from resources.home import init_home
+from dpo_driver.tracking import Tracker
+from dpo_driver.io import dpo_home
+init_home()
+
+@dg.asset
+def smoke() -> int:
+    with Tracker.local(dpo_home()).stage_run("smoke", {"x": 1}):
+        return 1
+
+assert dg.materialize([smoke], instance=dg.DagsterInstance.get()).success
+"""
+
+
+def test_two_runs_started_at_once_on_an_empty_home_both_succeed(tmp_path):
+    home, dagster = tmp_path / "home", tmp_path / "home" / "dagster"
+    env = {**os.environ, "DPO_HOME": str(home), "DAGSTER_HOME": str(dagster)}
+    procs = [subprocess.Popen([sys.executable, "-c", RUN], env=env, cwd=Path(__file__).parents[1],
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+    instance = DagsterInstance.from_config(str(dagster))
+    try:
+        assert sorted(r.status.value for r in instance.get_runs()) == ["SUCCESS", "SUCCESS"]
+    finally:
+        instance.dispose()
+    assert len(MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}").search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}").search_experiments()])) == 2

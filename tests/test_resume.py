@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_driver.training import SFTParams, last_checkpoint, scratch_dir_for, train_sft
+from dpo_driver.training import DPOParams, SFTParams, last_checkpoint, scratch_dir_for, train_dpo, train_sft
 
 RECORDS = [{"prompt": [{"role": "user", "content": f'Task: Click on the "{n}" button.\n1. button "{n}"'}],
             "completion": [{"role": "assistant", "content": f'click button "{n}"'}]} for n in ("okay", "Cancel", "Submit", "Next")]
@@ -27,15 +27,28 @@ train_sft("tiny-random", RECORDS, Path(sys.argv[1]), PARAMS, on_log=lambda logs:
 """
 
 
+PAIRS = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": [{"role": "assistant", "content": 'type textbox "x"'}]}
+         for r in RECORDS]
+DPO_PARAMS = DPOParams(learning_rate=1e-3, num_train_epochs=1, min_steps=6, per_device_train_batch_size=2, logging_steps=1,
+                       checkpoint_steps=2, max_length=64)
+FIRST_DPO_RUN = """
+import sys, time
+from pathlib import Path
+from dpo_driver.training import train_dpo
+from tests.test_resume import DPO_PARAMS, PAIRS
+train_dpo("tiny-random", Path(sys.argv[2]), PAIRS, Path(sys.argv[1]), DPO_PARAMS, on_log=lambda logs: time.sleep(0.4))
+"""
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_DRIVER_CACHE", str(tmp_path / "cache"))
 
 
-def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, cache):
-    out = tmp_path / "run" / "adapter"
+def _kill_after_a_checkpoint(code: str, out: Path, *args: str) -> int:
+    """Start training in a subprocess, SIGKILL it once a checkpoint is complete; the checkpoint's step."""
     scratch = scratch_dir_for(out)
-    proc = subprocess.Popen([sys.executable, "-c", FIRST_RUN, str(out)], cwd=Path(__file__).parents[1], env=os.environ.copy(),
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out), *args], cwd=Path(__file__).parents[1], env=os.environ.copy(),
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while last_checkpoint(scratch) is None:
@@ -48,7 +61,13 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, cache)
     killed_at = int(last_checkpoint(scratch).name.removeprefix("checkpoint-"))
     assert 2 <= killed_at < 6
     assert not out.exists() and not list(out.parent.glob(".adapter.partial-*"))  # no adapter, whole or half
+    return killed_at
 
+
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, cache):
+    out = tmp_path / "run" / "adapter"
+    scratch = scratch_dir_for(out)
+    killed_at = _kill_after_a_checkpoint(FIRST_RUN, out)
     steps = []
     result = train_sft("tiny-random", RECORDS, out, PARAMS, on_log=lambda logs: steps.append(logs["step"]))
     assert steps[0] == killed_at + 1 and steps[-1] == 6, steps  # continued, not restarted from step 0
@@ -56,6 +75,18 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, cache)
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not scratch.exists()  # removed once the adapter is in place
     print(f"killed after checkpoint-{killed_at}; resumed run logged steps {steps}")
+
+
+def test_a_killed_dpo_run_resumes_from_its_last_complete_checkpoint(tmp_path, cache):
+    sft = train_sft("tiny-random", RECORDS, tmp_path / "sft", SFTParams(min_steps=0, num_train_epochs=1, max_length=64)).adapter_dir
+    out = tmp_path / "dpo" / "adapter"
+    killed_at = _kill_after_a_checkpoint(FIRST_DPO_RUN, out, str(sft))
+    steps = []
+    result = train_dpo("tiny-random", sft, PAIRS, out, DPO_PARAMS, on_log=lambda logs: steps.append(logs["step"]))
+    assert steps[0] == killed_at + 1 and steps[-1] == 6, steps  # the global step continued past the checkpoint
+    assert result.metrics["global_step"] == 6 and (out / "adapter_config.json").is_file()
+    assert not scratch_dir_for(out).exists()
+    print(f"DPO killed after checkpoint-{killed_at}; resumed run logged steps {steps}")
 
 
 def test_leftover_checkpoints_of_another_job_are_not_resumed(tmp_path, cache):
