@@ -109,7 +109,7 @@ def run(args) -> dict:
     model_name = args.model or cfg["resources"]["policy_model"]["config"]["model"]
     env = load_environment(args.env)
     tasks = env.suite(args.tasks.split(",") if args.tasks else (suite.get("tasks") if args.env == "miniwob" else None))
-    plan = SeedPlan.build(suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"],
+    plan = SeedPlan.build(args.demo_seeds or suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"],
                            eval_offset=args.eval_offset)
     # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
     sft_cfg = {**SFTAdapterConfig(**ops["sft_adapter"]).model_dump(exclude={"demos_path", "scrub_pii"}), "seed": args.seed}
@@ -383,6 +383,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tasks", default="", help="override the preset's task suite (comma-separated task names of the family; "
                     "empty = the preset's suite for miniwob, the family's default suite otherwise)")
     ap.add_argument("--eval-seeds", type=int, default=0, help="override held-out seeds per task")
+    ap.add_argument("--demo-seeds", type=int, default=0, help="override expert demos per task (what the SFT gate asks for when it fails)")
     ap.add_argument("--eval-offset", type=int, default=0,
                     help="start the held-out seeds this far into the eval band (a range no tuning has looked at)")
     ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
