@@ -97,3 +97,13 @@ def test_atomic_dir_keeps_old_output_on_failure(tmp_path):
     with atomic_dir(target) as d:
         atomic_write_text(d / "b.txt", "v2")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_hold_out_keeps_every_tenth_demo_for_validation():
+    from dpo_driver.demos import hold_out
+
+    records = [{"i": i} for i in range(25)]
+    train, val = hold_out(records)
+    assert [r["i"] for r in val] == [9, 19] and len(train) == 23 and not {r["i"] for r in val} & {r["i"] for r in train}
+    assert hold_out(records[:3]) == (records[:2], records[2:3])  # fewer than ten: the last one
+    assert hold_out(records[:1]) == (records[:1], [])
