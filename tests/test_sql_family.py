@@ -73,7 +73,8 @@ def test_gold_solves_every_seed_and_items_differ(env, task):
         assert t.info["gold_rows"] > 0
         prompts.add(prompt)
         dbs.add(item.db)
-    assert len(prompts) >= 0.7 * len(SEEDS) and dbs == set(SCHEMAS)
+    # sql-group's question space is the smallest (~130 questions; a quarter is reserved for evaluation seeds)
+    assert len(prompts) >= 0.6 * len(SEEDS) and dbs == set(SCHEMAS)
     again = TextToSQL().open(task)
     assert again.reset(7)[1] == session.reset(7)[1] and again.expert() == session.expert()
 
