@@ -6,7 +6,6 @@ Records use TRL's conversational prompt-completion format, plus `task`/`seed`/`s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_driver.environment import Environment, Session
+from dpo_driver.io import jsonl_rows
 from dpo_driver.tasks import split_of
 
 
@@ -105,37 +105,29 @@ def load_demos(path: Path, env: Environment) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"demo file {path} does not exist: point demos_path at a JSONL file, or leave it empty to generate demos")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"demo file {path} line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if "messages" in row:
-                msgs = row["messages"]
-                if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
-                    raise ValueError(f"{where}: 'messages' must be a list ending with an assistant message")
-                prompt = _message_text(msgs[:-1], "user", where)
-                completion = str(msgs[-1].get("content", ""))
-            elif "prompt" in row and "completion" in row:
-                prompt = _message_text(row["prompt"], "user", where)
-                completion = _message_text(row["completion"], "assistant", where)
-            else:
-                raise ValueError(f"{where}: needs 'prompt' and 'completion' keys, or 'messages'")
-            if not prompt.strip():
-                raise ValueError(f"{where}: empty prompt")
-            parsed = env.parse(completion)
-            if not parsed.ok:
-                raise ValueError(f"{where}: completion {parsed.error}")
-            meta = {k: row[k] for k in ("task", "seed", "step") if k in row}
-            if "seed" in meta and split_of(int(meta["seed"])) == "eval":
-                raise ValueError(f"{where}: seed {meta['seed']} is an evaluation seed; demos must not touch held-out seeds")
-            records.append(sft_record(prompt, completion.strip(), **meta))
+    for _, where, row in jsonl_rows(path, "demo file"):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if "messages" in row:
+            msgs = row["messages"]
+            if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
+                raise ValueError(f"{where}: 'messages' must be a list ending with an assistant message")
+            prompt = _message_text(msgs[:-1], "user", where)
+            completion = str(msgs[-1].get("content", ""))
+        elif "prompt" in row and "completion" in row:
+            prompt = _message_text(row["prompt"], "user", where)
+            completion = _message_text(row["completion"], "assistant", where)
+        else:
+            raise ValueError(f"{where}: needs 'prompt' and 'completion' keys, or 'messages'")
+        if not prompt.strip():
+            raise ValueError(f"{where}: empty prompt")
+        parsed = env.parse(completion)
+        if not parsed.ok:
+            raise ValueError(f"{where}: completion {parsed.error}")
+        meta = {k: row[k] for k in ("task", "seed", "step") if k in row}
+        if "seed" in meta and split_of(int(meta["seed"])) == "eval":
+            raise ValueError(f"{where}: seed {meta['seed']} is an evaluation seed; demos must not touch held-out seeds")
+        records.append(sft_record(prompt, completion.strip(), **meta))
     if not records:
         raise ValueError(f"demo file {path} holds no demonstrations")
     return records

@@ -46,6 +46,20 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def jsonl_rows(path: Path, what: str) -> Iterator[tuple[int, str, object]]:
+    """(line number, "<what> <path> line <n>", parsed JSON) for each non-blank line of a user's JSONL
+    file: the one reader behind demos and traces, so both name file and line the same way."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{what} {path} line {n}"
+            try:
+                yield n, where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a scratch directory beside `target`; on success it replaces `target` whole.

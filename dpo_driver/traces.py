@@ -49,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dpo_driver.io import atomic_write_jsonl
+from dpo_driver.io import atomic_write_jsonl, jsonl_rows
 from dpo_driver.tasks import BAND, SPLIT_BANDS
 
 POLICY = "traces"
@@ -185,21 +185,13 @@ def load_trace_jsonl(path: Path | str, parse: Parse | None = None) -> list[dict]
     if not path.is_file():
         raise ValueError(f"trace file {path} does not exist")
     fields, sources, first_line = [], [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"trace file {path} line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from e
-            ep = _episode_fields(row, where, parse)
-            if ep["trace_id"] in first_line:
-                raise ValueError(f"{where}: trace_id: {ep['trace_id']!r} already used on line {first_line[ep['trace_id']]}")
-            first_line[ep["trace_id"]] = n
-            fields.append(ep)
-            sources.append(f"{path}:{n}")
+    for n, where, row in jsonl_rows(path, "trace file"):
+        ep = _episode_fields(row, where, parse)
+        if ep["trace_id"] in first_line:
+            raise ValueError(f"{where}: trace_id: {ep['trace_id']!r} already used on line {first_line[ep['trace_id']]}")
+        first_line[ep["trace_id"]] = n
+        fields.append(ep)
+        sources.append(f"{path}:{n}")
     if not fields:
         raise ValueError(f"trace file {path} holds no traces")
     return _assemble(fields, sources)

@@ -43,3 +43,21 @@ def miniwob():
     from dpo_driver.families.miniwob import MiniWoB
 
     return MiniWoB()
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    """A module-wide DPO_DRIVER_CACHE: the tiny model is built once per test module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_DRIVER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def module_home(tmp_path_factory):
+    """A module-wide DPO_HOME with its model cache inside, for tests that materialize several runs."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_HOME", str(home))
+        mp.setenv("DPO_DRIVER_CACHE", str(home / "models"))
+        yield home

@@ -49,11 +49,7 @@ SFT = SFTParams(min_steps=0, learning_rate=1e-2, num_train_epochs=2, per_device_
 DPO = DPOParams(min_steps=0, learning_rate=1e-3, per_device_train_batch_size=4, logging_steps=1, bf16=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPO_DRIVER_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("model_cache")  # tiny models built once per module
 
 
 @pytest.fixture(scope="module")

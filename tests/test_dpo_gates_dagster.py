@@ -22,12 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("dpo_gates")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPO_HOME", str(home))
-        mp.setenv("DPO_DRIVER_CACHE", str(home / "models"))
-        yield home
+def home(module_home):
+    return module_home
 
 
 @pytest.fixture(scope="module")

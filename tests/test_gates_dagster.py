@@ -39,12 +39,8 @@ def good_pairs() -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("gates")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPO_HOME", str(home))
-        mp.setenv("DPO_DRIVER_CACHE", str(home / "models"))
-        yield home
+def home(module_home):
+    return module_home
 
 
 @pytest.fixture(scope="module")

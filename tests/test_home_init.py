@@ -12,13 +12,18 @@ from mlflow import MlflowClient
 INIT = "from resources.home import init_home; init_home()"
 
 
+def _twice_at_once(code: str, home: Path, timeout: int) -> None:
+    """Run `code` in two processes started together on the empty `home`; both must succeed."""
+    env = {**os.environ, "DPO_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[1],
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+
+
 def test_two_concurrent_inits_on_an_empty_home_both_succeed_and_the_stores_work(tmp_path):
     home, dagster = tmp_path / "home", tmp_path / "home" / "dagster"
-    env = {**os.environ, "DPO_HOME": str(home), "DAGSTER_HOME": str(dagster)}
-    procs = [subprocess.Popen([sys.executable, "-c", INIT], env=env, cwd=Path(__file__).parents[1],
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    errors = [p.communicate(timeout=120)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errors
+    _twice_at_once(INIT, home, timeout=120)
 
     instance = DagsterInstance.from_config(str(dagster))
     try:
@@ -63,11 +68,7 @@ assert dg.materialize([smoke], instance=dg.DagsterInstance.get()).success
 
 def test_two_runs_started_at_once_on_an_empty_home_both_succeed(tmp_path):
     home, dagster = tmp_path / "home", tmp_path / "home" / "dagster"
-    env = {**os.environ, "DPO_HOME": str(home), "DAGSTER_HOME": str(dagster)}
-    procs = [subprocess.Popen([sys.executable, "-c", RUN], env=env, cwd=Path(__file__).parents[1],
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    errors = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+    _twice_at_once(RUN, home, timeout=300)
     instance = DagsterInstance.from_config(str(dagster))
     try:
         assert sorted(r.status.value for r in instance.get_runs()) == ["SUCCESS", "SUCCESS"]
