@@ -12,7 +12,7 @@ from dpo_driver.io import atomic_dir, atomic_write_jsonl, atomic_write_text
 from dpo_driver.modelcard import build_model_card, pair_counts, publish_model_card
 from dpo_driver.policy import LMPolicy, Sampling
 from dpo_driver.registry import champion, record_evaluation
-from dpo_driver.report import build_report, plot_report, retention, with_retention
+from dpo_driver.report import build_report, drop_crashed_items, plot_report, retention, with_retention
 from dpo_driver.rollouts import run_episodes
 from dpo_driver.ui import embed_png_markdown
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite
@@ -45,33 +45,26 @@ def evaluation_report(
     if start != sft_adapter["adapter_dir"]:
         arms["champion"] = start
     baseline = "champion" if "champion" in arms else "sft"
-    episodes = []
+    held_out_tasks = task_suite.retention_list(env)  # capability retention: tasks the round never trained on
+    episodes, kept_eps = [], []
     for name, adapter_dir in arms.items():
         model, tokenizer = policy_model.load(adapter_dir)
-        episodes += run_episodes(LMPolicy(model, tokenizer, env), env, tasks, list(plan.eval), 1, greedy, config.max_steps,
+        policy = LMPolicy(model, tokenizer, env)
+        episodes += run_episodes(policy, env, tasks, list(plan.eval), 1, greedy, config.max_steps,
                                  policy_name=name, on_progress=episode_logger(context, f"eval {name}"))
-        del model
-    frame = pd.DataFrame(episodes)
-    crashed = frame[frame["env_error"]]
-    if len(crashed):
-        # A browser fault says nothing about either policy: drop that seed for both so the comparison stays paired.
-        bad = set(zip(crashed["task"], crashed["seed"]))
-        context.log.warning(f"{len(bad)} (task, seed) dropped from evaluation after browser errors")
-        frame = frame[[(t, s) not in bad for t, s in zip(frame["task"], frame["seed"])]]
+        if held_out_tasks and name in (baseline, "dpo"):  # the loaded model plays the retention set too
+            kept_eps += run_episodes(policy, env, held_out_tasks, list(plan.eval), 1, greedy, config.max_steps,
+                                     policy_name=name, on_progress=episode_logger(context, f"retention {name}"))
+        del model, policy
+    frame, dropped = drop_crashed_items(pd.DataFrame(episodes))
+    if dropped:
+        context.log.warning(f"{dropped} (task, seed) dropped from evaluation after browser errors")
     report = build_report(frame, baseline=baseline, candidate="dpo", confidence=config.confidence, n_boot=config.n_boot)
     report.summary["environment"] = env.name
-    held_out_tasks = task_suite.retention_list(env)
-    kept, kept_eps = None, []
-    if held_out_tasks:  # capability retention: what the round did to tasks it never trained on
-        kept_eps = []
-        for name in (baseline, "dpo"):
-            model, tokenizer = policy_model.load(arms[name])
-            kept_eps += run_episodes(LMPolicy(model, tokenizer, env), env, held_out_tasks, list(plan.eval), 1, greedy, config.max_steps,
-                                     policy_name=name, on_progress=episode_logger(context, f"retention {name}"))
-            del model
-        kept_frame = pd.DataFrame(kept_eps)
-        kept_frame = kept_frame[~kept_frame["env_error"]]
-        kept = retention(kept_frame, baseline, "dpo", config.min_retention, config.confidence, config.n_boot)
+    kept = None
+    if held_out_tasks:
+        kept = retention(drop_crashed_items(pd.DataFrame(kept_eps))[0], baseline, "dpo", config.min_retention, config.confidence,
+                         config.n_boot)
         decision = with_retention(report.decision, kept)
         report.summary.update(decision=decision, retention=asdict(kept) | {"ratio": kept.ratio, "passed": kept.passed})
         report.markdown += f"\n\nCapability {kept.line()}: {'kept' if kept.passed else '**not kept**'}."

@@ -251,3 +251,14 @@ def retention(episodes: pd.DataFrame, baseline: str, candidate: str, min_ratio: 
 def with_retention(decision: str, kept: Retention | None) -> str:
     """The promotion rule with retention: "promote" also needs the retention set kept."""
     return "keep previous" if decision == "promote" and kept is not None and not kept.passed else decision
+
+
+def drop_crashed_items(episodes: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """(episodes without any (task, seed) on which some policy's environment crashed, how many
+    items were dropped). A browser fault says nothing about either policy: the item is dropped for
+    all of them, so the comparison stays paired."""
+    crashed = episodes[episodes["env_error"]]
+    bad = set(zip(crashed["task"], crashed["seed"]))
+    if not bad:
+        return episodes, 0
+    return episodes[[(t, s) not in bad for t, s in zip(episodes["task"], episodes["seed"])]], len(bad)

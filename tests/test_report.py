@@ -169,3 +169,13 @@ def test_retention_blocks_a_promotion_that_loses_held_out_skill():
     assert same.passed and with_retention("promote", same) == "promote"
     never = retention(pd.DataFrame([{**r, "success": False} for r in rows]), "sft", "dpo", n_boot=2000)
     assert never.ratio == 1.0 and never.passed  # nothing to lose where the baseline never succeeds
+
+
+def test_a_crashed_item_is_dropped_for_every_policy():
+    from dpo_driver.report import drop_crashed_items
+
+    eps = pd.DataFrame([{"policy": p, "task": "t", "seed": s, "success": True, "env_error": p == "dpo" and s == 1}
+                        for p in ("sft", "dpo") for s in range(3)])
+    kept, dropped = drop_crashed_items(eps)
+    assert dropped == 1 and sorted(set(kept["seed"])) == [0, 2] and len(kept) == 4
+    assert drop_crashed_items(kept) == (kept, 0)
