@@ -142,8 +142,9 @@ def run(args) -> dict:
         print(message, flush=True)
 
     current, current_name = sft.adapter_dir, "sft"
-    rft_params = SFTParams(learning_rate=dpo_cfg.get("learning_rate", 5e-5), num_train_epochs=dpo_cfg.get("num_train_epochs", 1.0),
-                           min_steps=dpo_cfg.get("min_steps", 0),
+    # The control gets DPO's budget: the same steps (or epochs) on the same chosen side.
+    rft_params = SFTParams(learning_rate=dpo_cfg["learning_rate"], max_steps=dpo_cfg["max_steps"],
+                           num_train_epochs=dpo_cfg["num_train_epochs"], min_steps=dpo_cfg["min_steps"],
                            per_device_train_batch_size=dpo_cfg.get("per_device_train_batch_size", 4),
                            max_length=dpo_cfg.get("max_length", 512), seed=args.seed)
     rounds, first_pairs, first_episodes = [], None, None

@@ -18,9 +18,10 @@ class SFTAdapterConfig(dg.Config):
     lora_alpha: int = Field(default(SFTParams, "lora_alpha"), description="LoRA scaling (peft.LoraConfig.lora_alpha)")
     lora_dropout: float = Field(default(SFTParams, "lora_dropout"), description="peft.LoraConfig.lora_dropout")
     learning_rate: float = Field(default(SFTParams, "learning_rate"), description="trl.SFTConfig.learning_rate")
-    num_train_epochs: float = Field(default(SFTParams, "num_train_epochs"), description="trl.SFTConfig.num_train_epochs: passes over the demos")
-    min_steps: int = Field(default(SFTParams, "min_steps"), description="optimizer-step floor (trl.SFTConfig.max_steps = max(this, epochs x steps per epoch)): "
-                           "a suite with few demos still gets the updates the 4-task default suite gets from 5 epochs")
+    max_steps: int = Field(default(SFTParams, "max_steps"), description="trl.SFTConfig.max_steps: the budget in optimizer steps, the same whatever "
+                           "the number of demos; 0 = num_train_epochs passes with the min_steps floor")
+    num_train_epochs: float = Field(default(SFTParams, "num_train_epochs"), description="passes over the demos, only when max_steps is 0")
+    min_steps: int = Field(default(SFTParams, "min_steps"), description="optimizer-step floor of the epoch budget (max_steps 0)")
     per_device_train_batch_size: int = Field(default(SFTParams, "per_device_train_batch_size"), description="trl.SFTConfig.per_device_train_batch_size")
     gradient_accumulation_steps: int = Field(default(SFTParams, "gradient_accumulation_steps"), description="trl.SFTConfig.gradient_accumulation_steps")
     max_length: int = Field(default(SFTParams, "max_length"), description="trl.SFTConfig.max_length (tokens); longer demos are truncated")
@@ -81,9 +82,10 @@ class DPOAdapterConfig(dg.Config):
     loss_type: list[str] = Field(default(DPOParams, "loss_type"), description="trl.DPOConfig.loss_type; e.g. ['sigmoid', 'sft'] mixes in an SFT term on chosen")
     loss_weights: list[float] | None = Field(default(DPOParams, "loss_weights"), description="trl.DPOConfig.loss_weights, one per loss_type")
     learning_rate: float = Field(default(DPOParams, "learning_rate"), description="trl.DPOConfig.learning_rate")
-    num_train_epochs: float = Field(default(DPOParams, "num_train_epochs"), description="trl.DPOConfig.num_train_epochs: passes over the pairs")
-    min_steps: int = Field(default(DPOParams, "min_steps"), description="optimizer-step floor (trl.DPOConfig.max_steps = max(this, epochs x steps per epoch)): "
-                           "a round with few pairs still gets this many updates")
+    max_steps: int = Field(default(DPOParams, "max_steps"), description="trl.DPOConfig.max_steps: the budget in optimizer steps, the same whatever "
+                           "the number of pairs; 0 = num_train_epochs passes with the min_steps floor")
+    num_train_epochs: float = Field(default(DPOParams, "num_train_epochs"), description="passes over the pairs, only when max_steps is 0")
+    min_steps: int = Field(default(DPOParams, "min_steps"), description="optimizer-step floor of the epoch budget (max_steps 0)")
     per_device_train_batch_size: int = Field(default(DPOParams, "per_device_train_batch_size"), description="trl.DPOConfig.per_device_train_batch_size")
     gradient_accumulation_steps: int = Field(default(DPOParams, "gradient_accumulation_steps"), description="trl.DPOConfig.gradient_accumulation_steps")
     max_length: int = Field(default(DPOParams, "max_length"), description="trl.DPOConfig.max_length (tokens)")

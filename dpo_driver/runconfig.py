@@ -24,10 +24,11 @@ TINY = {
                                   "validation_seeds": 2}},
     },
     "ops": {
-        "sft_adapter": {"config": {"num_train_epochs": 10.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_length": 256}},
+        # A test preset on fixed data: epoch budgets (max_steps 0) keep its runs as short as they were.
+        "sft_adapter": {"config": {"max_steps": 0, "num_train_epochs": 10.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_length": 256}},
         "rollout_trajectories": {"config": {"samples_per_seed": 4, "temperature": 0.7, "top_k": 3, "max_new_tokens": 12, "max_steps": 3}},
         "preference_pairs": {"config": {"min_margin": 0.5, "rejected_must_parse": False}},
-        "dpo_adapter": {"config": {"num_train_epochs": 1.0, "min_steps": 0, "per_device_train_batch_size": 2, "max_length": 256}},
+        "dpo_adapter": {"config": {"max_steps": 0, "num_train_epochs": 1.0, "min_steps": 0, "per_device_train_batch_size": 2, "max_length": 256}},
         "evaluation_report": {"config": {"max_new_tokens": 12, "max_steps": 3, "n_boot": 1000}},
         # The random model learns the answer format, not the pages: the gate checks the format only.
         "sft_adapter_validation": {"config": {"min_valid_fraction": 0.5, "min_expert_match": 0.0, "max_new_tokens": 12}},
@@ -50,7 +51,10 @@ DEFAULT = {
                                   "demo_seeds": 5, "rollout_seeds": 20, "eval_seeds": 50}},
     },
     "ops": {
-        "sft_adapter": {"config": {"num_train_epochs": 5.0, "learning_rate": 2e-4}},
+        # Budgets are optimizer steps (SFTParams/DPOParams.max_steps: SFT 20, DPO 46), the same for
+        # any suite: what this suite took under its old epoch budgets (5 epochs over 25 demo steps hit
+        # the floor of 20; 2 epochs over 91 pairs), so its result is unchanged.
+        "sft_adapter": {"config": {"learning_rate": 2e-4}},
         # strategy "verbs" (typing tried on every form, shortest successes branched) is what taught
         # enter-text (0% -> 100%; plain sampling: 1 success in 240 episodes). 20 seeds, bf16 on the
         # 2-core CPU: 502 episodes in ~125 s, 91 pairs; the one-round loop took 508-550 s and reached
@@ -66,14 +70,14 @@ DEFAULT = {
         # DPO + an SFT term on chosen: plain sigmoid DPO pushed probability mass off the answer
         # format in probes here (chosen rewards drifted negative); lr as in those probes. Probes on
         # one set of 91 round-1 pairs, two training seeds, 50 held-out seeds per task:
-        # - two epochs: enter-text's step-0 switch (type before Submit) rests on ~14 pairs against a
+        # - two epochs (46 steps): enter-text's step-0 switch (type before Submit) rests on ~14 pairs against a
         #   strong SFT prior while its step-1 pairs push "type" down in a near-identical state; one
         #   epoch learned it on neither seed (2%, 0%), two epochs on both (100%, 100%);
         # - beta 0.5, not 0.1: the sigmoid saturates after a few nats of margin instead of grinding
         #   rejected log-probs down (-22 nats at 0.1), which cost click-widget; 97% / 97.5% mean vs
         #   93% / 94.5% at 0.1, and +4.5 [+1.0, +8.0] / +5.0 [+2.0, +8.5] over the RFT control
         #   (SFT on the same chosen, same 2 epochs). IPO, NCA, beta 1.0: no better.
-        "dpo_adapter": {"config": {"beta": 0.5, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-4, "num_train_epochs": 2.0}},
+        "dpo_adapter": {"config": {"beta": 0.5, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-4}},
         "evaluation_report": {"config": {}},
         # Production default is 1,000 pairs; a CPU round yields tens. enter-text pages differ only by
         # a name from a small pool, so held-out pages recur word for word among training seeds (13

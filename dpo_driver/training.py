@@ -34,8 +34,9 @@ class SFTParams:
     lora_dropout: float = 0.05  # dropout on the LoRA input
     target_modules: str | list[str] = "all-linear"  # PEFT target modules; "all-linear" skips lm_head
     learning_rate: float = 2e-4  # AdamW peak learning rate (linear decay)
-    num_train_epochs: float = 3.0  # passes over the demos
-    min_steps: int = 20  # optimizer-step floor: a small suite still gets the updates the 4-task default gets from 5 epochs (see train_steps)
+    max_steps: int = 20  # the budget in optimizer steps, whatever the number of demos; 0 = num_train_epochs passes (see train_steps)
+    num_train_epochs: float = 3.0  # passes over the demos, only when max_steps is 0
+    min_steps: int = 20  # optimizer-step floor of the epoch budget (max_steps 0)
     per_device_train_batch_size: int = 8  # examples per step before accumulation
     gradient_accumulation_steps: int = 1  # steps summed per optimizer update
     max_length: int = 512  # tokens per prompt+completion; longer ones are truncated at the end
@@ -53,8 +54,9 @@ class DPOParams:
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])  # TRL losses; several are mixed
     loss_weights: list[float] | None = None  # one weight per loss_type; None = all 1.0
     learning_rate: float = 5e-5  # AdamW peak learning rate (linear decay)
-    num_train_epochs: float = 1.0  # passes over the pairs
-    min_steps: int = 30  # optimizer-step floor: a round with few pairs still gets this many updates (see train_steps)
+    max_steps: int = 46  # the budget in optimizer steps, whatever the number of pairs; 0 = num_train_epochs passes (see train_steps)
+    num_train_epochs: float = 1.0  # passes over the pairs, only when max_steps is 0
+    min_steps: int = 30  # optimizer-step floor of the epoch budget (max_steps 0)
     per_device_train_batch_size: int = 4  # pairs per step before accumulation
     gradient_accumulation_steps: int = 1  # steps summed per optimizer update
     max_length: int = 512  # tokens per prompt+response; longer ones are truncated at the end
@@ -109,14 +111,19 @@ def _load_base(base_model: str, params: SFTParams | DPOParams):
 
 
 def train_steps(params: SFTParams | DPOParams, num_records: int) -> int:
-    """The optimizer steps a run takes: `num_train_epochs` passes over the records, but never fewer
-    than `min_steps`.
+    """The optimizer steps a run takes: `max_steps` when it is set, whatever the data's size;
+    otherwise `num_train_epochs` passes over the records, never fewer than `min_steps`.
 
-    Epochs alone tie the budget to the suite's size: two tasks of five demos got half the SFT
-    updates of four tasks, and their policy never emitted a working action (SFT 0%, where the
-    same two tasks reached 62-70% inside the four-task suite). The floor gives every suite at least
-    the updates the default suite gets; larger suites still see every record `num_train_epochs` times.
+    Epochs tie the budget to the suite's size: two tasks of five demos got half the SFT updates
+    of four tasks, and their policy never emitted a working action (SFT 0%, where the same two
+    tasks reached 62-70% inside the four-task suite), while 39 tasks got ten times the updates
+    (and the time). A step budget is the same for every suite. The defaults (SFT 20, DPO 46) are
+    the steps the four-task default suite took under the old epoch budgets (5 epochs over 25 demo
+    steps at batch 8 hit the floor of 20; 2 epochs over 91 pairs at batch 4), so its result is
+    unchanged; other suites now get those same budgets.
     """
+    if params.max_steps > 0:
+        return int(params.max_steps)
     per_epoch = max(1, math.ceil(math.ceil(num_records / params.per_device_train_batch_size) / params.gradient_accumulation_steps))
     return max(int(params.min_steps), math.ceil(params.num_train_epochs * per_epoch))
 

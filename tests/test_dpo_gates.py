@@ -45,8 +45,8 @@ TRAIN_PAIRS = to_dpo_records(_pairs(range(1, 5)))
 # Held-out: same kind of state, element indices DPO never saw.
 HELD_OUT = to_dpo_records(_pairs(range(5, 8)))
 SWAPPED = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in TRAIN_PAIRS]
-SFT = SFTParams(min_steps=0, learning_rate=1e-2, num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1, bf16=False)
-DPO = DPOParams(min_steps=0, learning_rate=1e-3, per_device_train_batch_size=4, logging_steps=1, bf16=False)
+SFT = SFTParams(max_steps=0, min_steps=0, learning_rate=1e-2, num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1, bf16=False)
+DPO = DPOParams(max_steps=0, min_steps=0, learning_rate=1e-3, per_device_train_batch_size=4, logging_steps=1, bf16=False)
 
 
 pytestmark = pytest.mark.usefixtures("model_cache")  # tiny models built once per module

@@ -54,7 +54,7 @@ def run_with(pairs: pd.DataFrame, sft_value: dict, home, learning_rate: float = 
 
     resources = {**definitions.RESOURCES_BY_DEPLOYMENT["local"], "environment": EnvironmentResource(family="tooluse"),
                  "artifact_store": ArtifactStore(root=str(home / "artifacts")), "tracker": MLflowTracker()}
-    config = {"ops": {"dpo_adapter": {"config": {"learning_rate": learning_rate, "num_train_epochs": 1.0, "min_steps": 0,
+    config = {"ops": {"dpo_adapter": {"config": {"learning_rate": learning_rate, "num_train_epochs": 1.0, "max_steps": 0, "min_steps": 0,
                                                  "per_device_train_batch_size": 4, "max_length": 128}},
                       "dpo_adapter_gates": {"config": {"max_new_tokens": 8, **gates}}}}
     with dg.instance_for_test() as instance:

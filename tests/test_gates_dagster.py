@@ -48,7 +48,7 @@ def sft_value(home):
     base = resolve_model("tiny-random")
     records = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
                for p, c in zip(good_pairs()["prompt"], good_pairs()["chosen"])]
-    result = train_sft(base, records, home / "sft", SFTParams(min_steps=0, num_train_epochs=1, per_device_train_batch_size=3, max_length=128))
+    result = train_sft(base, records, home / "sft", SFTParams(max_steps=0, min_steps=0, num_train_epochs=1, per_device_train_batch_size=3, max_length=128))
     return {"adapter_dir": str(result.adapter_dir), "base_model": base, "model": "tiny-random", "num_examples": 6,
             "mlflow_run_id": "none"}
 
@@ -73,7 +73,7 @@ def run_with(pairs: pd.DataFrame, sft_value: dict, home, **gate_config):
     resources = {**definitions.RESOURCES_BY_DEPLOYMENT["local"], "task_suite": SUITE,
                  "artifact_store": ArtifactStore(root=str(home / "artifacts"))}
     config = {"ops": {"preference_pairs_gates": {"config": {"min_pairs": 3, **gate_config}},
-                      "dpo_adapter": {"config": {"num_train_epochs": 1.0, "per_device_train_batch_size": 2, "max_length": 128}}}}
+                      "dpo_adapter": {"config": {"max_steps": 0, "num_train_epochs": 1.0, "per_device_train_batch_size": 2, "max_length": 128}}}}
     with dg.instance_for_test() as instance:
         result = dg.materialize([sft_stand_in, pairs_stand_in, preference_pairs_gates, dpo_adapter], resources=resources,
                                 run_config=config, instance=instance, raise_on_error=False)

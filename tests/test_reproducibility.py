@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_same_seed_rollouts_give_the_same_pairs(tmp_path, monkeypatch, miniwob):
     monkeypatch.setenv("DPO_DRIVER_CACHE", str(tmp_path / "models"))
     demos = generate_demos(miniwob, ["click-tab"], seeds_for("demo", 6))
-    sft = train_sft("tiny-random", demos, tmp_path / "sft", SFTParams(min_steps=0, num_train_epochs=10.0, learning_rate=1e-2, per_device_train_batch_size=4))
+    sft = train_sft("tiny-random", demos, tmp_path / "sft", SFTParams(max_steps=0, min_steps=0, num_train_epochs=10.0, learning_rate=1e-2, per_device_train_batch_size=4))
     sampling = Sampling(temperature=0.7, top_k=3, max_new_tokens=12, strategy="verbs")
 
     def run() -> tuple[list, int, str]:

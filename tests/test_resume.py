@@ -15,7 +15,7 @@ from dpo_driver.training import DPOParams, SFTParams, last_checkpoint, scratch_d
 RECORDS = [{"prompt": [{"role": "user", "content": f'Task: Click on the "{n}" button.\n1. button "{n}"'}],
             "completion": [{"role": "assistant", "content": f'click button "{n}"'}]} for n in ("okay", "Cancel", "Submit", "Next")]
 # 6 optimizer steps (min_steps), a checkpoint every 2.
-PARAMS = SFTParams(learning_rate=1e-2, num_train_epochs=1, min_steps=6, per_device_train_batch_size=2, logging_steps=1,
+PARAMS = SFTParams(learning_rate=1e-2, num_train_epochs=1, max_steps=0, min_steps=6, per_device_train_batch_size=2, logging_steps=1,
                    checkpoint_steps=2, max_length=64)
 # The first run: the same call, slowed to ~0.4 s a step so the test can kill it between checkpoints.
 FIRST_RUN = """
@@ -29,7 +29,7 @@ train_sft("tiny-random", RECORDS, Path(sys.argv[1]), PARAMS, on_log=lambda logs:
 
 PAIRS = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": [{"role": "assistant", "content": 'type textbox "x"'}]}
          for r in RECORDS]
-DPO_PARAMS = DPOParams(learning_rate=1e-3, num_train_epochs=1, min_steps=6, per_device_train_batch_size=2, logging_steps=1,
+DPO_PARAMS = DPOParams(learning_rate=1e-3, num_train_epochs=1, max_steps=0, min_steps=6, per_device_train_batch_size=2, logging_steps=1,
                        checkpoint_steps=2, max_length=64)
 FIRST_DPO_RUN = """
 import sys, time
@@ -78,7 +78,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint(tmp_path, cache)
 
 
 def test_a_killed_dpo_run_resumes_from_its_last_complete_checkpoint(tmp_path, cache):
-    sft = train_sft("tiny-random", RECORDS, tmp_path / "sft", SFTParams(min_steps=0, num_train_epochs=1, max_length=64)).adapter_dir
+    sft = train_sft("tiny-random", RECORDS, tmp_path / "sft", SFTParams(max_steps=0, min_steps=0, num_train_epochs=1, max_length=64)).adapter_dir
     out = tmp_path / "dpo" / "adapter"
     killed_at = _kill_after_a_checkpoint(FIRST_DPO_RUN, out, str(sft))
     steps = []
@@ -96,7 +96,7 @@ def test_leftover_checkpoints_of_another_job_are_not_resumed(tmp_path, cache):
     (stale / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     (scratch_dir_for(out) / "job.sha256").write_text("another job\n")
     steps = []
-    params = SFTParams(min_steps=0, num_train_epochs=1, per_device_train_batch_size=4, logging_steps=1, max_length=64)
+    params = SFTParams(max_steps=0, min_steps=0, num_train_epochs=1, per_device_train_batch_size=4, logging_steps=1, max_length=64)
     train_sft("tiny-random", RECORDS, out, params, on_log=lambda logs: steps.append(logs["step"]))
     assert steps[0] == 1 and not scratch_dir_for(out).exists()  # trained from step 0, not from the stale checkpoint-4
 

@@ -43,7 +43,7 @@ def checks(result) -> dict:
 
 
 def test_untrained_adapter_fails_the_gate_and_rollouts_never_start(resources, tmp_path):
-    result = run(resources, {"learning_rate": 0.0, "min_steps": 1, "num_train_epochs": 0.1}, tmp_path)
+    result = run(resources, {"learning_rate": 0.0, "max_steps": 0, "min_steps": 1, "num_train_epochs": 0.1}, tmp_path)
     evaluation = checks(result)["validation"]
     assert not evaluation.passed
     assert evaluation.metadata["valid_fraction"].value < 0.9

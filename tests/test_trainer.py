@@ -21,7 +21,7 @@ SFT_RECORDS = [
      "completion": [{"role": "assistant", "content": f'click button "{n}"'}]}
     for i in (1, 2) for n in NAMES
 ]
-PARAMS = {"learning_rate": 1e-2, "num_train_epochs": 1, "min_steps": 0, "per_device_train_batch_size": 4, "logging_steps": 1}
+PARAMS = {"learning_rate": 1e-2, "num_train_epochs": 1, "max_steps": 0, "min_steps": 0, "per_device_train_batch_size": 4, "logging_steps": 1}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_cli_without_pipes_prints_the_result_as_json(sft_via_pipes, base_model, 
     records = [{"prompt": r["prompt"], "chosen": r["completion"],
                 "rejected": [{"role": "assistant", "content": 'type textbox "Myron"'}]} for r in SFT_RECORDS]
     job = write_job(tmp_path, base_model, records, kind="dpo", sft_adapter_dir=sft["adapter_dir"],
-                    params={"learning_rate": 1e-3, "min_steps": 0, "per_device_train_batch_size": 4, "logging_steps": 1})
+                    params={"learning_rate": 1e-3, "max_steps": 0, "min_steps": 0, "per_device_train_batch_size": 4, "logging_steps": 1})
     out = subprocess.run([sys.executable, "-m", "dpo_driver.train", "dpo", "--config", str(job)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

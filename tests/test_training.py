@@ -39,8 +39,8 @@ KTO_RECORDS = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True}
     {"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in DPO_RECORDS[::2]
 ]
 # A high LR so the SFT adapter is far from identity (LoRA B starts at zero, so untrained == base).
-SFT = SFTParams(min_steps=0, learning_rate=1e-2, num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1)
-DPO = DPOParams(min_steps=0, learning_rate=1e-3, per_device_train_batch_size=4, logging_steps=1)
+SFT = SFTParams(max_steps=0, min_steps=0, learning_rate=1e-2, num_train_epochs=2, per_device_train_batch_size=4, logging_steps=1)
+DPO = DPOParams(max_steps=0, min_steps=0, learning_rate=1e-3, per_device_train_batch_size=4, logging_steps=1)
 
 
 pytestmark = pytest.mark.usefixtures("model_cache")  # tiny models built once per module
@@ -214,16 +214,31 @@ def test_train_steps_is_epochs_with_a_floor():
     from dpo_driver.training import train_steps
 
     # 16 records, batch 4: 4 steps per epoch.
-    assert train_steps(SFTParams(min_steps=0, num_train_epochs=2, per_device_train_batch_size=4), 16) == 8
-    assert train_steps(SFTParams(num_train_epochs=2, per_device_train_batch_size=4, min_steps=20), 16) == 20
-    assert train_steps(SFTParams(num_train_epochs=2, per_device_train_batch_size=4, min_steps=20), 64) == 32
-    assert train_steps(DPOParams(min_steps=0, num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2), 17) == 3
-    assert train_steps(DPOParams(num_train_epochs=0.5, per_device_train_batch_size=4, min_steps=1), 2) == 1
+    assert train_steps(SFTParams(max_steps=0, min_steps=0, num_train_epochs=2, per_device_train_batch_size=4), 16) == 8
+    assert train_steps(SFTParams(num_train_epochs=2, per_device_train_batch_size=4, max_steps=0, min_steps=20), 16) == 20
+    assert train_steps(SFTParams(num_train_epochs=2, per_device_train_batch_size=4, max_steps=0, min_steps=20), 64) == 32
+    assert train_steps(DPOParams(max_steps=0, min_steps=0, num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2), 17) == 3
+    assert train_steps(DPOParams(num_train_epochs=0.5, per_device_train_batch_size=4, max_steps=0, min_steps=1), 2) == 1
+
+
+def test_the_step_budget_is_the_same_for_any_data_size():
+    from dpo_driver.training import train_steps
+
+    # The defaults are step budgets: a 2-task suite and a 39-task suite get the same updates.
+    for n in (10, 25, 500):
+        assert train_steps(SFTParams(), n) == SFTParams().max_steps == 20
+        assert train_steps(DPOParams(), 4 * n) == DPOParams().max_steps == 46
+    assert train_steps(SFTParams(max_steps=7, num_train_epochs=100, min_steps=50), 1000) == 7
+
+
+def test_a_step_budget_is_what_training_runs(tmp_path):
+    result = train_sft("tiny-random", SFT_RECORDS[:8], tmp_path / "sft", replace(SFT, max_steps=3))
+    assert result.metrics["global_step"] == 3  # 2 epochs x 2 steps would be 4
 
 
 def test_the_step_floor_is_what_training_runs(tmp_path):
     """Half the records, same epochs: without the floor a small suite gets half the updates."""
-    params = replace(SFT, min_steps=8)
+    params = replace(SFT, max_steps=0, min_steps=8)
     result = train_sft("tiny-random", SFT_RECORDS[:8], tmp_path / "sft", params)
     assert result.metrics["global_step"] == 8  # 2 epochs x 2 steps would be 4
 
