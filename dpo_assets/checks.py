@@ -20,6 +20,7 @@ from dpo_driver.policy import LMPolicy
 from dpo_driver.quality import (GateResult, PairGateThresholds, check_eval_seeds_disjoint, repeated_page_tasks, run_pair_gates,
                                 run_trajectory_gates)
 from dpo_driver.rollouts import first_prompts
+from dpo_driver.stages import DPOOutput, EvaluationOutput, SFTOutput
 from dpo_driver.validation import validate_policy
 from resources import EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite
 
@@ -140,12 +141,12 @@ def rollout_trajectories_gates(
 
 
 @dg.asset_check(asset="evaluation_report", blocking=True, description="evaluation seeds are disjoint from demo and rollout seeds")
-def evaluation_report_seeds_disjoint(context: dg.AssetCheckExecutionContext, evaluation_report: dict, task_suite: TaskSuite,
+def evaluation_report_seeds_disjoint(context: dg.AssetCheckExecutionContext, evaluation_report: EvaluationOutput, task_suite: TaskSuite,
                                      environment: EnvironmentResource, tracker: MLflowTracker) -> dg.AssetCheckResult:
     plan = task_suite.plan()
     tasks = task_suite.task_list(environment.get())
     train = {t: list(plan.demo) + list(plan.rollout) for t in tasks}
-    evaluated = {t: evaluation_report["eval_seeds"] for t in tasks}
+    evaluated = {t: evaluation_report.eval_seeds for t in tasks}
     gate = check_eval_seeds_disjoint(evaluated, train)
     audit_failed_gates(context, tracker, "evaluation_report", {"seeds_disjoint": gate})
     return _check_result("evaluation_report", "seeds_disjoint", gate)
@@ -160,15 +161,15 @@ class SFTGateConfig(dg.Config):
 # Op name "sft_adapter_validation" (<asset>_<check>), the key its config has in run config and presets.
 @dg.asset_check(asset="sft_adapter", name="validation", blocking=True,
                 description="the SFT policy answers held-out expert states (validation slice of the demo band) validly and like the expert")
-def sft_adapter_validation(context: dg.AssetCheckExecutionContext, config: SFTGateConfig, sft_adapter: dict,
+def sft_adapter_validation(context: dg.AssetCheckExecutionContext, config: SFTGateConfig, sft_adapter: SFTOutput,
                            policy_model: PolicyModel, environment: EnvironmentResource, tracker: MLflowTracker) -> dg.AssetCheckResult:
     env = environment.get()
-    model, tokenizer = policy_model.load(sft_adapter["adapter_dir"])
-    result = validate_policy(LMPolicy(model, tokenizer, env), read_jsonl(Path(sft_adapter["validation_path"])), env.parse,
+    model, tokenizer = policy_model.load(sft_adapter.adapter_dir)
+    result = validate_policy(LMPolicy(model, tokenizer, env), read_jsonl(Path(sft_adapter.validation_path)), env.parse,
                              config.max_new_tokens or env.max_new_tokens)
     passed, message = result.verdict(config.min_valid_fraction, config.min_expert_match)
     context.log.info(message)
-    run_id = sft_adapter.get("mlflow_run_id")
+    run_id = sft_adapter.mlflow_run_id
     if not passed:
         audit_gate_failure(context, tracker, "sft_adapter", "sft_adapter_validation", message, run_id)
     if run_id and run_id != "none":
@@ -216,10 +217,10 @@ def rollout_trajectories_pii(context: dg.AssetCheckExecutionContext, config: Pii
 
 
 @dg.asset_check(asset="sft_adapter", name="pii", blocking=True, description="no configured PII type survives in the demos SFT trained on")
-def sft_adapter_pii(context: dg.AssetCheckExecutionContext, config: PiiGateConfig, sft_adapter: dict,
+def sft_adapter_pii(context: dg.AssetCheckExecutionContext, config: PiiGateConfig, sft_adapter: SFTOutput,
                     tracker: MLflowTracker) -> dg.AssetCheckResult:
-    demos = read_jsonl(Path(sft_adapter["demos_path"])) if sft_adapter.get("demos_path") else []
-    return _pii_check(context, tracker, "sft_adapter", demos, config.entity_types, sft_adapter.get("mlflow_run_id"))
+    demos = read_jsonl(Path(sft_adapter.demos_path)) if sft_adapter.demos_path else []
+    return _pii_check(context, tracker, "sft_adapter", demos, config.entity_types, sft_adapter.mlflow_run_id)
 
 
 class DPOGateConfig(dg.Config):
@@ -235,22 +236,22 @@ class DPOGateConfig(dg.Config):
            dg.AssetCheckSpec("dpo_adapter_preference_accuracy", asset="dpo_adapter", blocking=True,
                              description="the DPO policy prefers chosen over rejected on the held-out pairs")],
 )
-def dpo_adapter_gates(context: dg.AssetCheckExecutionContext, config: DPOGateConfig, dpo_adapter: dict, policy_model: PolicyModel,
+def dpo_adapter_gates(context: dg.AssetCheckExecutionContext, config: DPOGateConfig, dpo_adapter: DPOOutput, policy_model: PolicyModel,
                       environment: EnvironmentResource, tracker: MLflowTracker):
     env = environment.get()
-    base, policy, reference = dpo_adapter["base_model"], dpo_adapter["adapter_dir"], dpo_adapter["start_adapter_dir"]
+    base, policy, reference = dpo_adapter.base_model, dpo_adapter.adapter_dir, dpo_adapter.start_adapter_dir
     loaded = load_policy_and_reference(base, policy, reference, policy_model.dtype)
-    states = read_jsonl(Path(dpo_adapter["validation_path"])) if dpo_adapter.get("validation_path") else []
+    states = read_jsonl(Path(dpo_adapter.validation_path)) if dpo_adapter.validation_path else []
     prompts = list(dict.fromkeys(r["prompt"][0]["content"] for r in states))[: config.max_prompts]
     kl = kl_to_reference(base, policy, reference, prompts, config.max_new_tokens or env.max_new_tokens, loaded=loaded)
-    pairs = read_jsonl(Path(dpo_adapter["validation_pairs_path"])) if dpo_adapter.get("validation_pairs_path") else []
+    pairs = read_jsonl(Path(dpo_adapter.validation_pairs_path)) if dpo_adapter.validation_pairs_path else []
     acc = preference_accuracy(base, policy, reference, pairs, loaded=loaded)
     results = {"kl": kl.verdict(config.max_kl), "preference_accuracy": acc.verdict(config.min_preference_accuracy)}
     values = {"kl": {"kl_per_token": kl.kl_per_token, "max_token_kl": kl.max_token_kl, "tokens": kl.num_tokens, "prompts": kl.num_prompts,
                      "max_kl": config.max_kl},
               "preference_accuracy": {"preference_accuracy": acc.accuracy, "mean_margin_nats": acc.mean_margin, "pairs": acc.num_pairs,
                                       "min_preference_accuracy": config.min_preference_accuracy}}
-    run_id = dpo_adapter.get("mlflow_run_id")
+    run_id = dpo_adapter.mlflow_run_id
     for name, (passed, message) in results.items():
         context.log.info(message)
         if not passed:

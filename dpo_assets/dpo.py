@@ -4,8 +4,10 @@ import dagster as dg
 import pandas as pd
 
 from dpo_assets.configs import DPOAdapterConfig
-from dpo_driver.io import atomic_dir, atomic_write_jsonl
+from dpo_assets._common import numeric, stage
+from dpo_driver.io import atomic_write_jsonl
 from dpo_driver.pairs import to_dpo_records
+from dpo_driver.stages import DPOOutput, SFTOutput
 from dpo_driver.train import JobSpec
 from dpo_driver.training import DPOParams, scratch_dir_for
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TrainingLauncher
@@ -15,13 +17,13 @@ from resources import ArtifactStore, MLflowTracker, PolicyModel, TrainingLaunche
 def dpo_adapter(
     context: dg.AssetExecutionContext,
     config: DPOAdapterConfig,
-    sft_adapter: dict,
+    sft_adapter: SFTOutput,
     preference_pairs: pd.DataFrame,
     policy_model: PolicyModel,
     artifact_store: ArtifactStore,
     tracker: MLflowTracker,
     trainer: TrainingLauncher,
-) -> dg.MaterializeResult:
+) -> dg.MaterializeResult[DPOOutput]:
     """TRL DPO continuing the policy that acted in the rollouts (the SFT adapter in the first round,
     the champion after that); that policy, frozen, is the reference."""
     if preference_pairs.empty:
@@ -30,35 +32,23 @@ def dpo_adapter(
     train = preference_pairs[preference_pairs["split"] != "validation"] if "split" in preference_pairs else preference_pairs
     held_out = to_dpo_records(preference_pairs[preference_pairs["split"] == "validation"]) if "split" in preference_pairs else []
     records = to_dpo_records(train)
-    params = DPOParams(**config.model_dump(), load_in_4bit=policy_model.load_in_4bit,
-                       bf16=policy_model.train_bf16())
-    out = artifact_store.path_for("dpo_adapter", context.run_id)
+    params = DPOParams(**config.model_dump(), load_in_4bit=policy_model.load_in_4bit, bf16=policy_model.train_bf16())
     acted = preference_pairs.get("policy_adapter", pd.Series(dtype=object)).dropna().unique()
-    start = str(acted[0]) if len(acted) else sft_adapter["adapter_dir"]
+    start = str(acted[0]) if len(acted) else sft_adapter.adapter_dir
     context.log.info(f"DPO on {len(records)} pairs, starting from and referring to {start}")
-    with tracker.tracker().stage_run("dpo", {**config.model_dump(), "pairs": len(records), "start_adapter": start,
-                                             "sft_run_id": sft_adapter["mlflow_run_id"]},
-                                     tags={"dagster_run_id": context.run_id}) as run:
-        with atomic_dir(out) as tmp:
+    with stage(context, "dpo", "dpo_adapter", {**config.model_dump(), "pairs": len(records), "start_adapter": start,
+                                               "sft_run_id": sft_adapter.mlflow_run_id}, tracker, artifact_store) as st:
+        with st.files() as tmp:
             atomic_write_jsonl(tmp / "pairs.jsonl", records)
             atomic_write_jsonl(tmp / "validation_pairs.jsonl", held_out)  # never trained on: the preference-accuracy gate's pairs
-            spec = JobSpec("dpo", sft_adapter["base_model"], "pairs.jsonl", "adapter", params=asdict(params),
-                           sft_adapter_dir=start,
-                           scratch_dir=str(scratch_dir_for(out)))
+            spec = JobSpec("dpo", sft_adapter.base_model, "pairs.jsonl", "adapter", params=asdict(params), sft_adapter_dir=start,
+                           scratch_dir=str(scratch_dir_for(st.out)))
             result = trainer.train(context, spec.write(tmp / "dpo_job.json"))
-        run.log_metrics(result["metrics"])
-        run.log_artifacts(out / "adapter", "adapter")
-    value = {**sft_adapter, "adapter_dir": str(out / "adapter"), "sft_adapter_dir": sft_adapter["adapter_dir"],
-             "start_adapter_dir": start, "validation_pairs_path": str(out / "validation_pairs.jsonl"),
-             "num_examples": result["num_examples"], "mlflow_run_id": run.run_id}
-    return dg.MaterializeResult(
-        value=value,
-        metadata={
-            "adapter_dir": dg.MetadataValue.path(value["adapter_dir"]),
-            "reference_policy": f"frozen copy of {start}",
-            "pairs": len(records),
-            "validation_pairs": len(held_out),
-            **{k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))},
-            "mlflow_run_id": run.run_id,
-        },
-    )
+        st.run.log_metrics(result["metrics"])
+        st.run.log_artifacts(st.out / "adapter", "adapter")
+    value = DPOOutput(adapter_dir=str(st.out / "adapter"), base_model=sft_adapter.base_model, model=sft_adapter.model,
+                      sft_adapter_dir=sft_adapter.adapter_dir, start_adapter_dir=start, num_examples=result["num_examples"],
+                      mlflow_run_id=st.run.run_id, validation_path=sft_adapter.validation_path,
+                      validation_pairs_path=str(st.out / "validation_pairs.jsonl"))
+    return st.result(value, adapter_dir=dg.MetadataValue.path(value.adapter_dir), reference_policy=f"frozen copy of {start}",
+                     pairs=len(records), validation_pairs=len(held_out), **numeric(result["metrics"]))

@@ -1,9 +1,10 @@
 import dagster as dg
 import pandas as pd
 
+from dpo_assets._common import numeric, stage
 from dpo_assets.configs import PairsConfig
 from dpo_driver.dpo_gates import split_pairs
-from dpo_driver.io import atomic_dir, atomic_write_jsonl
+from dpo_driver.io import atomic_write_jsonl
 from dpo_driver.pairs import build_preference_pairs, pair_yield, to_dpo_records
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker
 
@@ -16,7 +17,7 @@ def preference_pairs(
     environment: EnvironmentResource,
     artifact_store: ArtifactStore,
     tracker: MLflowTracker,
-) -> dg.MaterializeResult:
+) -> dg.MaterializeResult[pd.DataFrame]:
     """Success vs failure from the same state: scored, margin-filtered, deduplicated (TRL preference JSONL)."""
     env = environment.get()
     episodes = rollout_trajectories.to_dict("records")
@@ -29,23 +30,13 @@ def preference_pairs(
     _, held_out = split_pairs(pairs, config.validation_fraction)
     pairs["split"] = ["validation" if p in set(held_out["pair_id"]) else "train" for p in pairs["pair_id"]]
     stats = pair_yield(episodes, pairs)
-    out = artifact_store.path_for("preference_pairs", context.run_id)
-    with tracker.tracker().stage_run("pairs", {**config.model_dump(), "environment": env.name},
-                                     tags={"dagster_run_id": context.run_id, "environment": env.name}) as run:
-        with atomic_dir(out) as tmp:
+    with stage(context, "pairs", "preference_pairs", config.model_dump(), tracker, artifact_store, env.name) as st:
+        with st.files() as tmp:
             atomic_write_jsonl(tmp / "pairs.jsonl", to_dpo_records(pairs[pairs["split"] == "train"]))
             atomic_write_jsonl(tmp / "validation_pairs.jsonl", to_dpo_records(held_out))
-        run.log_metrics({**stats, "validation_pairs": len(held_out), "mean_margin": float(pairs["margin"].mean()) if len(pairs) else 0.0})
-        run.log_artifact(out / "pairs.jsonl")
+        st.run.log_metrics({**stats, "validation_pairs": len(held_out), "mean_margin": float(pairs["margin"].mean()) if len(pairs) else 0.0})
+        st.run.log_artifact(st.out / "pairs.jsonl")
     context.log.info(f"{len(pairs)} pairs from {stats['prompts_with_both']}/{stats['prompts']} prompts with both outcomes")
     per_task = pairs.groupby("task").size().rename("pairs").to_frame() if len(pairs) else pd.DataFrame({"pairs": []})
-    return dg.MaterializeResult(
-        value=pairs,
-        metadata={
-            "path": dg.MetadataValue.path(str(out / "pairs.jsonl")),
-            "per_task": dg.MetadataValue.md(per_task.to_markdown()),
-            **{k: float(v) for k, v in stats.items()},
-            "validation_pairs": len(held_out),
-            "mlflow_run_id": run.run_id,
-        },
-    )
+    return st.result(pairs, path=dg.MetadataValue.path(str(st.out / "pairs.jsonl")), per_task=dg.MetadataValue.md(per_task.to_markdown()),
+                     **numeric(stats), validation_pairs=len(held_out))

@@ -5,8 +5,10 @@ import dagster as dg
 
 from dpo_assets.configs import SFTAdapterConfig
 from dpo_driver.demos import generate_demos, hold_out, load_demos
-from dpo_driver.io import atomic_dir, atomic_write_jsonl
+from dpo_assets._common import numeric, stage
+from dpo_driver.io import atomic_write_jsonl
 from dpo_driver.pii import counts_metadata, scrub_records
+from dpo_driver.stages import SFTOutput
 from dpo_driver.train import JobSpec
 from dpo_driver.validation import validation_seeds
 from dpo_driver.training import SFTParams, scratch_dir_for
@@ -24,7 +26,7 @@ def sft_adapter(
     artifact_store: ArtifactStore,
     tracker: MLflowTracker,
     trainer: TrainingLauncher,
-) -> dg.MaterializeResult:
+) -> dg.MaterializeResult[SFTOutput]:
     """LoRA SFT (TRL SFTTrainer) of the base model on golden demonstrations."""
     env = environment.get()  # fails fast (unknown family, no browser), before any output exists
     tasks = task_suite.task_list(env)
@@ -50,33 +52,18 @@ def sft_adapter(
     context.log.info(f"{len(demos)} demo steps from {source}; training LoRA SFT on {base}")
     params = SFTParams(**config.model_dump(exclude={"demos_path", "scrub_pii"}), load_in_4bit=policy_model.load_in_4bit,
                        bf16=policy_model.train_bf16())
-    out = artifact_store.path_for("sft_adapter", context.run_id)
-    with tracker.tracker().stage_run("sft", {**config.model_dump(), "base_model": policy_model.model, "tasks": tasks, "environment": env.name},
-                                     tags={"dagster_run_id": context.run_id, "environment": env.name}) as run:
-        with atomic_dir(out) as tmp:
+    with stage(context, "sft", "sft_adapter", {**config.model_dump(), "base_model": policy_model.model, "tasks": tasks},
+               tracker, artifact_store, env.name) as st:
+        with st.files() as tmp:
             atomic_write_jsonl(tmp / "demos.jsonl", demos)
             atomic_write_jsonl(tmp / "validation.jsonl", validation)
             # Paths relative to the spec's folder: the spec stays valid once tmp becomes `out`.
-            spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params),
-                           scratch_dir=str(scratch_dir_for(out)))
+            spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params), scratch_dir=str(scratch_dir_for(st.out)))
             result = trainer.train(context, spec.write(tmp / "sft_job.json"))
-        run.log_metrics({**result["metrics"], **pii})
-        run.log_artifact(out / "demos.jsonl")
-        run.log_artifacts(out / "adapter", "adapter")
-    value = {"adapter_dir": str(out / "adapter"), "base_model": base, "model": policy_model.model,
-             "num_examples": result["num_examples"], "mlflow_run_id": run.run_id,
-             "validation_path": str(out / "validation.jsonl"), "demos_path": str(out / "demos.jsonl")}
-    return dg.MaterializeResult(
-        value=value,
-        metadata={
-            "adapter_dir": dg.MetadataValue.path(value["adapter_dir"]),
-            "base_model": base,
-            "environment": env.name,
-            "demo_steps": len(demos),
-            "demo_source": source,
-            **pii,
-            "validation_states": len(validation),
-            **{k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))},
-            "mlflow_run_id": run.run_id,
-        },
-    )
+        st.run.log_metrics({**result["metrics"], **pii})
+        st.run.log_artifact(st.out / "demos.jsonl")
+        st.run.log_artifacts(st.out / "adapter", "adapter")
+    value = SFTOutput(adapter_dir=str(st.out / "adapter"), base_model=base, model=policy_model.model, num_examples=result["num_examples"],
+                      mlflow_run_id=st.run.run_id, demos_path=str(st.out / "demos.jsonl"), validation_path=str(st.out / "validation.jsonl"))
+    return st.result(value, adapter_dir=dg.MetadataValue.path(value.adapter_dir), base_model=base, demo_steps=len(demos),
+                     demo_source=source, **pii, validation_states=len(validation), **numeric(result["metrics"]))

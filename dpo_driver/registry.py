@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -90,17 +91,31 @@ def champion_adapter_dir(tracker: Tracker, name: str = MODEL_NAME, dst: str | Pa
     return None if version is None else adapter_dir(tracker, version, dst)
 
 
+@dataclass(frozen=True)
+class Acting:
+    """The policy rollouts act with: its adapter folder, its role ("sft" or "champion", the name its
+    episodes carry) and why it was chosen."""
+
+    adapter_dir: Path
+    role: str
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.role} ({self.reason})"
+
+
 def acting_adapter(tracker: Tracker, fallback_dir: str | Path, base_model: str, name: str = MODEL_NAME,
-                   dst: str | Path | None = None) -> tuple[Path, str]:
-    """(adapter folder, label) the rollouts act with: the champion if it was trained on ``base_model``
-    (its ``base_model`` tag), else ``fallback_dir`` (the SFT adapter). The label says which and why."""
+                   dst: str | Path | None = None) -> Acting:
+    """The policy the rollouts act with: the champion if it was trained on ``base_model`` (its
+    ``base_model`` tag), else ``fallback_dir`` (the SFT adapter), saying which and why."""
     best = champion(tracker, name)
     if best is None:
-        return Path(fallback_dir), "sft (no champion yet)"
+        return Acting(Path(fallback_dir), "sft", "no champion yet")
     trained_on = best.tags.get("base_model")
     if trained_on != base_model:
-        return Path(fallback_dir), f"sft (champion v{best.version} was trained on base model {trained_on!r}, not {base_model!r})"
-    return adapter_dir(tracker, best, dst), f"champion v{best.version}"
+        return Acting(Path(fallback_dir), "sft", f"champion v{best.version} was trained on base model {trained_on!r}, not {base_model!r}")
+    return Acting(adapter_dir(tracker, best, dst), "champion", f"v{best.version}")
 
 
 def record_evaluation(tracker: Tracker, dpo_run_id: str, decision: str, reason: str, base_model: str,

@@ -7,7 +7,7 @@ run the same (task, seed) episodes, because the comparison pairs them.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -262,3 +262,34 @@ def drop_crashed_items(episodes: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     if not bad:
         return episodes, 0
     return episodes[[(t, s) not in bad for t, s in zip(episodes["task"], episodes["seed"])]], len(bad)
+
+
+@dataclass
+class Promotion:
+    """One evaluation's outcome: the report (decision included), the episodes it rests on and
+    what was dropped or checked on the way."""
+
+    report: EvalReport
+    episodes: pd.DataFrame  # the held-out suite, crashed items dropped for every policy
+    dropped_items: int
+    kept: Retention | None  # capability retention, when retention tasks were played
+
+
+def promotion_decision(episodes: pd.DataFrame, retention_episodes: pd.DataFrame | None, baseline: str, environment: str,
+           confidence: float = 0.95, n_boot: int = 10000, min_retention: float = 0.95) -> Promotion:
+    """The promotion decision from evaluation episodes: drop crashed items (for every policy), compare
+    the candidate "dpo" with `baseline` on the held-out suite, then require the retention set kept.
+    A "promote" that loses the retention set becomes "keep previous", and the report says so."""
+    frame, dropped = drop_crashed_items(episodes)
+    report = build_report(frame, baseline=baseline, candidate="dpo", confidence=confidence, n_boot=n_boot)
+    report.summary["environment"] = environment
+    kept = None
+    if retention_episodes is not None and len(retention_episodes):
+        kept = retention(drop_crashed_items(retention_episodes)[0], baseline, "dpo", min_retention, confidence, n_boot)
+        decision = with_retention(report.decision, kept)
+        report.summary.update(decision=decision, retention=asdict(kept) | {"ratio": kept.ratio, "passed": kept.passed})
+        report.markdown += f"\n\nCapability {kept.line()}: {'kept' if kept.passed else '**not kept**'}."
+        if decision != report.decision:
+            report.markdown += f" Decision: **{decision}** (was {report.decision})."
+        report.decision = decision
+    return Promotion(report, frame, dropped, kept)

@@ -88,19 +88,19 @@ def test_pairs_are_well_formed_and_load_with_datasets(run):
 def test_adapters_load_with_peft(run):
     result, *_ = run
     sft, dpo = result.output_for_node("sft_adapter"), result.output_for_node("dpo_adapter")
-    assert dpo["sft_adapter_dir"] == sft["adapter_dir"] != dpo["adapter_dir"]
-    assert dpo["start_adapter_dir"] == sft["adapter_dir"]  # round 1: no champion yet, DPO continues SFT
+    assert dpo.sft_adapter_dir == sft.adapter_dir != dpo.adapter_dir
+    assert dpo.start_adapter_dir == sft.adapter_dir  # round 1: no champion yet, DPO continues SFT
     for a in (sft, dpo):
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(a["base_model"]), a["adapter_dir"])
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(a.base_model), a.adapter_dir)
         assert any("lora_" in n for n, _ in model.named_parameters())
 
 
 def test_report_has_a_row_per_task_and_a_decision(run):
     result, home, _ = run
     value = result.output_for_node("evaluation_report")
-    assert value["decision"] in {"promote", "keep previous", "needs review"}
+    assert value.decision in {"promote", "keep previous", "needs review"}
     tasks = preset("tiny")["resources"]["task_suite"]["config"]["tasks"]
-    assert set(tasks) <= set(value["summary"]["per_task"])
+    assert set(tasks) <= set(value.summary["per_task"])
     report_dir = home / "artifacts" / "evaluation_report" / result.run_id
     text = (report_dir / "report.md").read_text()
     for t in tasks:
@@ -134,15 +134,15 @@ def test_second_round_acts_with_the_champion(run):
     eps = round2.output_for_node("rollout_trajectories")
     [acted] = set(eps["adapter_dir"])  # the champion as registered in MLflow: round 1's DPO adapter
     weights = "adapter_model.safetensors"
-    assert (Path(acted) / weights).read_bytes() == (Path(round1_dpo["adapter_dir"]) / weights).read_bytes()
+    assert (Path(acted) / weights).read_bytes() == (Path(round1_dpo.adapter_dir) / weights).read_bytes()
     assert set(eps["policy"]) == {"champion"}
     dpo2 = round2.output_for_node("dpo_adapter")
-    assert dpo2["start_adapter_dir"] == acted and dpo2["sft_adapter_dir"] == round1_dpo["sft_adapter_dir"]
+    assert dpo2.start_adapter_dir == acted and dpo2.sft_adapter_dir == round1_dpo.sft_adapter_dir
     report = round2.output_for_node("evaluation_report")
-    assert set(report["summary"]["mean"]) == {"sft", "champion", "dpo"}
-    assert "dpo_minus_champion_points" in report["summary"]
+    assert set(report.summary["mean"]) == {"sft", "champion", "dpo"}
+    assert "dpo_minus_champion_points" in report.summary
     client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
     versions = client.search_model_versions("name='dpo-driver-policy'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     champion = client.get_registered_model("dpo-driver-policy").aliases["champion"]
-    assert str(champion) == ("2" if report["decision"] == "promote" else "1")
+    assert str(champion) == ("2" if report.decision == "promote" else "1")

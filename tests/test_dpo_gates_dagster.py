@@ -14,6 +14,7 @@ from dpo_assets import definitions
 from dpo_assets.checks import dpo_adapter_gates
 from dpo_assets.dpo import dpo_adapter
 from dpo_driver.io import atomic_write_jsonl
+from dpo_driver.stages import SFTOutput
 from dpo_driver.training import train_sft
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker
 from test_dpo_gates import SFT, SFT_RECORDS, _pairs
@@ -30,8 +31,8 @@ def home(module_home):
 def sft_value(home):
     sft = train_sft("tiny-random", SFT_RECORDS, home / "sft", SFT)
     atomic_write_jsonl(home / "validation.jsonl", SFT_RECORDS)  # held-out states: the KL's prompts
-    return {"adapter_dir": str(sft.adapter_dir), "base_model": "tiny-random", "model": "tiny-random", "num_examples": len(SFT_RECORDS),
-            "mlflow_run_id": None, "validation_path": str(home / "validation.jsonl")}
+    return SFTOutput(adapter_dir=str(sft.adapter_dir), base_model="tiny-random", model="tiny-random", num_examples=len(SFT_RECORDS),
+                     mlflow_run_id="", demos_path="", validation_path=str(home / "validation.jsonl"))
 
 
 def pairs_with(held_out: pd.DataFrame) -> pd.DataFrame:
@@ -39,9 +40,9 @@ def pairs_with(held_out: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([train, held_out.assign(split="validation")], ignore_index=True)
 
 
-def run_with(pairs: pd.DataFrame, sft_value: dict, home, learning_rate: float = 1e-3, **gates):
+def run_with(pairs: pd.DataFrame, sft_value: SFTOutput, home, learning_rate: float = 1e-3, **gates):
     @dg.asset(name="sft_adapter")
-    def sft_stand_in() -> dict:
+    def sft_stand_in() -> SFTOutput:
         return sft_value
 
     @dg.asset(name="preference_pairs")

@@ -99,9 +99,9 @@ def test_whole_dag_runs_on_the_family(family, tasks, tmp_path, monkeypatch):
     pairs = result.output_for_node("preference_pairs")
     assert len(pairs) > 0 and all(env.parse(c).ok for c in pairs["chosen"])
     report = result.output_for_node("evaluation_report")
-    assert report["environment"] == env.name and report["decision"] in ("promote", "keep previous", "needs review")
+    assert report.environment == env.name and report.decision in ("promote", "keep previous", "needs review")
     if family == "sql":
-        kept = report["summary"]["retention"]
+        kept = report.summary["retention"]
         assert kept["tasks"] == ["sql-group"] and kept["n"] == 3 and kept["passed"] == (kept["candidate"] >= 0.95 * kept["baseline"])
     runs = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()])

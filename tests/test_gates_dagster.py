@@ -15,6 +15,7 @@ from dpo_assets.dpo import dpo_adapter
 from dpo_driver.model import resolve_model
 from dpo_driver.pairs import PAIR_COLUMNS, pair_id
 from dpo_driver.rollouts import first_prompts
+from dpo_driver.stages import SFTOutput
 from dpo_driver.families.miniwob import MiniWoB
 from dpo_driver.tasks import seeds_for
 from dpo_driver.training import SFTParams, train_sft
@@ -49,8 +50,8 @@ def sft_value(home):
     records = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
                for p, c in zip(good_pairs()["prompt"], good_pairs()["chosen"])]
     result = train_sft(base, records, home / "sft", SFTParams(max_steps=0, min_steps=0, num_train_epochs=1, per_device_train_batch_size=3, max_length=128))
-    return {"adapter_dir": str(result.adapter_dir), "base_model": base, "model": "tiny-random", "num_examples": 6,
-            "mlflow_run_id": "none"}
+    return SFTOutput(adapter_dir=str(result.adapter_dir), base_model=base, model="tiny-random", num_examples=6,
+                     mlflow_run_id="none", demos_path="", validation_path="")
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +59,9 @@ def eval_prompt():
     return first_prompts(MiniWoB(), ["click-button"], list(SUITE.plan().eval))[("click-button", SUITE.plan().eval[0])]
 
 
-def run_with(pairs: pd.DataFrame, sft_value: dict, home, **gate_config):
+def run_with(pairs: pd.DataFrame, sft_value: SFTOutput, home, **gate_config):
     @dg.asset(name="sft_adapter")
-    def sft_stand_in() -> dict:
+    def sft_stand_in() -> SFTOutput:
         return sft_value
 
     @dg.asset(name="preference_pairs")

@@ -159,9 +159,11 @@ def test_record_evaluation_registers_every_candidate_and_promotes_only_on_promot
 
 def test_rollouts_act_with_the_champion_of_their_base_model_else_the_sft_adapter(tracker, tmp_path):
     sft = tmp_path / "sft-adapter"
-    assert acting_adapter(tracker, sft, "tiny-random", name=NAME) == (sft, "sft (no champion yet)")
+    first = acting_adapter(tracker, sft, "tiny-random", name=NAME)
+    assert (first.adapter_dir, first.role, first.label) == (sft, "sft", "sft (no champion yet)")
     record_evaluation(tracker, logged_adapter(tracker, tmp_path, "a"), "promote", "won", "tiny-random", name=NAME)
-    folder, label = acting_adapter(tracker, sft, "tiny-random", name=NAME)
-    assert label == "champion v1" and json.loads((folder / "adapter_config.json").read_text()) == {"label": "a"}
-    folder, label = acting_adapter(tracker, sft, "smollm2-135m", name=NAME)  # champion is for another base model
-    assert folder == sft and "trained on base model 'tiny-random'" in label
+    acting = acting_adapter(tracker, sft, "tiny-random", name=NAME)
+    assert (acting.role, acting.label) == ("champion", "champion (v1)")
+    assert json.loads((acting.adapter_dir / "adapter_config.json").read_text()) == {"label": "a"}
+    other = acting_adapter(tracker, sft, "smollm2-135m", name=NAME)  # champion is for another base model
+    assert other.adapter_dir == sft and other.role == "sft" and "trained on base model 'tiny-random'" in other.label

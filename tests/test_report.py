@@ -179,3 +179,20 @@ def test_a_crashed_item_is_dropped_for_every_policy():
     kept, dropped = drop_crashed_items(eps)
     assert dropped == 1 and sorted(set(kept["seed"])) == [0, 2] and len(kept) == 4
     assert drop_crashed_items(kept) == (kept, 0)
+
+
+def test_promotion_decision_drops_crashes_and_needs_the_retention_set_kept():
+    from dpo_driver.report import promotion_decision
+
+    eps = make_episodes(BETTER, seeds=range(40), extra_columns=False).assign(env_error=False)
+    eps.loc[(eps["policy"] == "sft") & (eps["seed"] == 39), "env_error"] = True  # a browser fault on one item, one policy
+    held = pd.DataFrame([{"policy": p, "task": "kept-task", "seed": s, "success": s < (8 if p == "sft" else 2), "env_error": False}
+                         for p in ("sft", "dpo") for s in range(10)])
+    alone = promotion_decision(eps, None, "sft", "miniwob", n_boot=2000)
+    assert alone.report.decision == "promote" and alone.kept is None and alone.report.summary["environment"] == "miniwob"
+    assert alone.dropped_items == 3 and 39 not in set(alone.episodes["seed"])  # (task, 39) dropped for both policies, every task
+    lost = promotion_decision(eps, held, "sft", "miniwob", n_boot=2000)
+    assert lost.report.decision == lost.report.summary["decision"] == "keep previous" and not lost.kept.passed
+    assert "**not kept**" in lost.report.markdown and "(was promote)" in lost.report.markdown
+    kept = promotion_decision(eps, held.assign(success=held["seed"] < 8), "sft", "miniwob", n_boot=2000)
+    assert kept.report.decision == "promote" and kept.kept.passed and kept.report.summary["retention"]["passed"]

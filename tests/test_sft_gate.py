@@ -57,11 +57,11 @@ def test_trained_adapter_passes_on_held_out_demo_states(resources, tmp_path):
     evaluation = checks(result)["validation"]
     assert evaluation.passed, evaluation.description
     sft = result.output_for_node("sft_adapter")
-    records = read_jsonl(sft["validation_path"])
+    records = read_jsonl(sft.validation_path)
     assert evaluation.metadata["states"].value == len(records) >= 4  # every step of every validation episode
     seeds = {r["seed"] for r in records}
     assert seeds and seeds <= set(validation_seeds(4)) and all(split_of(s) == "demo" and s >= VALIDATION_OFFSET for s in seeds)
-    assert not seeds & {r["seed"] for r in read_jsonl(sft["validation_path"].replace("validation", "demos"))}
+    assert not seeds & {r["seed"] for r in read_jsonl(sft.validation_path.replace("validation", "demos"))}
 
 
 def test_validation_seeds_refuse_to_overlap_training_demos():
