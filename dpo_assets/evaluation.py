@@ -12,7 +12,7 @@ from dpo_driver.modelcard import build_model_card, pair_counts, publish_model_ca
 from dpo_driver.policy import LMPolicy, Sampling
 from dpo_driver.registry import champion, record_evaluation
 from dpo_driver.report import EvalReport, plot_report, promotion_decision
-from dpo_driver.rollouts import run_episodes
+from dpo_driver.rollouts import evaluate_arms
 from dpo_driver.stages import DPOOutput, EvaluationOutput, SFTOutput, evaluation_arms
 from dpo_driver.ui import embed_png_markdown
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite
@@ -42,15 +42,9 @@ def evaluation_report(
     greedy = Sampling(temperature=0.0, max_new_tokens=config.max_new_tokens or env.max_new_tokens, batch_size=config.batch_size)
     arms = evaluation_arms(sft_adapter, dpo_adapter)
     held_out_tasks = task_suite.retention_list(env)  # capability retention: tasks the round never trained on
-    episodes, kept_eps = [], []
-    for name, adapter_dir in arms.adapters.items():
-        policy = LMPolicy(*policy_model.load(adapter_dir), env)
-        episodes += run_episodes(policy, env, tasks, list(plan.eval), 1, greedy, config.max_steps,
-                                 policy_name=name, on_progress=episode_logger(context, f"eval {name}"))
-        if held_out_tasks and name in (arms.baseline, "dpo"):  # the loaded model plays the retention set too
-            kept_eps += run_episodes(policy, env, held_out_tasks, list(plan.eval), 1, greedy, config.max_steps,
-                                     policy_name=name, on_progress=episode_logger(context, f"retention {name}"))
-        del policy
+    episodes, kept_eps = evaluate_arms(lambda adapter: LMPolicy(*policy_model.load(adapter), env), arms.adapters, env, tasks, list(plan.eval),
+                                       greedy, config.max_steps, held_out_tasks, (arms.baseline, "dpo"),
+                                       on_progress=lambda stage: episode_logger(context, stage))
     outcome = promotion_decision(pd.DataFrame(episodes), pd.DataFrame(kept_eps) if kept_eps else None, arms.baseline, env.name,
                                  config.confidence, config.n_boot, config.min_retention)
     if outcome.dropped_items:

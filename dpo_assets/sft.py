@@ -1,17 +1,15 @@
 from dataclasses import asdict
-from pathlib import Path
 
 import dagster as dg
 
-from dpo_assets.configs import SFTAdapterConfig
-from dpo_driver.demos import generate_demos, hold_out, load_demos
 from dpo_assets._common import numeric, stage
+from dpo_assets.configs import SFTAdapterConfig
+from dpo_driver.demos import training_demos
 from dpo_driver.io import atomic_write_jsonl
-from dpo_driver.pii import counts_metadata, scrub_records
 from dpo_driver.stages import SFTOutput
 from dpo_driver.train import JobSpec
-from dpo_driver.validation import validation_seeds
 from dpo_driver.training import SFTParams, scratch_dir_for
+from dpo_driver.validation import validation_seeds
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher
 
 
@@ -31,24 +29,10 @@ def sft_adapter(
     env = environment.get()  # fails fast (unknown family, no browser), before any output exists
     tasks = task_suite.task_list(env)
     base = policy_model.resolve()  # fails fast on an unknown model
-    if config.demos_path:
-        demos = load_demos(Path(config.demos_path), env)
-        source = config.demos_path
-    else:
-        demos = generate_demos(env, tasks, list(task_suite.plan().demo),
-                               on_episode=lambda t, s, ok: context.log.debug(f"demo {t} seed {s}: {'ok' if ok else 'expert failed'}"))
-        source = f"{env.name} expert"
-    pii = {}
-    if config.scrub_pii:  # user demos may carry customer data; generated ones are scanned the same way
-        demos, found = scrub_records(demos)
-        pii = counts_metadata(found)
-    if not demos:
-        raise ValueError("no golden demonstrations: the experts solved no demo seed; check the task suite")
-    # Held-out expert states for the SFT gate (sft_adapter_validation), from the demo band only.
-    if env.has_expert:
-        validation = generate_demos(env, tasks, validation_seeds(task_suite.validation_seeds, task_suite.plan().demo))
-    else:  # no expert to replay held-out states: hold some of the user's demos out instead
-        demos, validation = hold_out(demos)
+    plan = task_suite.plan()
+    data = training_demos(env, tasks, list(plan.demo), validation_seeds(task_suite.validation_seeds, plan.demo), config.demos_path or None,
+                          config.scrub_pii, on_episode=lambda t, s, ok: context.log.debug(f"demo {t} seed {s}: {'ok' if ok else 'expert failed'}"))
+    demos, validation, source, pii = data.demos, data.validation, data.source, data.pii
     context.log.info(f"{len(demos)} demo steps from {source}; training LoRA SFT on {base}")
     params = SFTParams(**config.model_dump(exclude={"demos_path", "scrub_pii"}), load_in_4bit=policy_model.load_in_4bit,
                        bf16=policy_model.train_bf16())

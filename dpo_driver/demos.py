@@ -131,3 +131,39 @@ def load_demos(path: Path, env: Environment) -> list[dict]:
     if not records:
         raise ValueError(f"demo file {path} holds no demonstrations")
     return records
+
+
+@dataclass
+class TrainingDemos:
+    """What SFT trains on and what its gate checks: demos, held-out expert states, their source and
+    the PII replaced in them (counts per type)."""
+
+    demos: list[dict]
+    validation: list[dict]
+    source: str
+    pii: dict[str, int]
+
+
+def training_demos(env: Environment, tasks: list[str], demo_seeds: list[int], validation_seed_list: list[int],
+                   demos_path: Path | None = None, scrub_pii: bool = True,
+                   on_episode: Callable[[str, int, bool], None] | None = None) -> TrainingDemos:
+    """The user's demos (`demos_path`) or the family's expert on the demo seeds, scrubbed of PII,
+    and the SFT gate's held-out states: the expert replayed on `validation_seed_list` (a slice of the
+    demo band), or, for a family without an expert, every tenth demo held out."""
+    from dpo_driver.pii import counts_metadata, scrub_records  # Presidio loads only when demos are built
+
+    if demos_path:
+        demos, source = load_demos(Path(demos_path), env), str(demos_path)
+    else:
+        demos, source = generate_demos(env, tasks, demo_seeds, on_episode=on_episode), f"{env.name} expert"
+    pii = {}
+    if scrub_pii:  # user demos may carry customer data; generated ones are scanned the same way
+        demos, found = scrub_records(demos)
+        pii = counts_metadata(found)
+    if not demos:
+        raise ValueError("no golden demonstrations: the experts solved no demo seed; check the task suite")
+    if env.has_expert:
+        validation = generate_demos(env, tasks, validation_seed_list)
+    else:
+        demos, validation = hold_out(demos)
+    return TrainingDemos(demos, validation, source, pii)

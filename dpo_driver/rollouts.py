@@ -251,3 +251,21 @@ def first_prompts(env: Environment, tasks: list[str], seeds: list[int]) -> dict[
             for seed in seeds:
                 prompts[(task, seed)] = session.reset(seed)[1]
     return prompts
+
+
+def evaluate_arms(load_policy: Callable[[str], Any], adapters: dict[str, str], env: Environment, tasks: list[str], seeds: list[int],
+                  sampling: Sampling, max_steps: int | None = None, retention_tasks: list[str] | None = None,
+                  retention_policies: tuple[str, ...] = (), on_progress: Callable[[str], Callable[[dict], None] | None] = lambda _: None,
+                  ) -> tuple[list[dict], list[dict]]:
+    """(suite episodes, retention episodes): each arm (name -> adapter folder) loaded once by
+    `load_policy` and played greedily on every (task, seed); the arms in `retention_policies` also
+    play `retention_tasks` with the same loaded model."""
+    episodes, kept = [], []
+    for name, adapter_dir in adapters.items():
+        policy = load_policy(adapter_dir)
+        episodes += run_episodes(policy, env, tasks, seeds, 1, sampling, max_steps, policy_name=name, on_progress=on_progress(f"eval {name}"))
+        if retention_tasks and name in retention_policies:
+            kept += run_episodes(policy, env, retention_tasks, seeds, 1, sampling, max_steps, policy_name=name,
+                                 on_progress=on_progress(f"retention {name}"))
+        del policy  # one model in memory at a time
+    return episodes, kept

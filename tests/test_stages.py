@@ -32,3 +32,22 @@ def test_outputs_are_frozen_and_name_every_field():
         SFT.adapter_dir = "elsewhere"
     with pytest.raises(TypeError, match="validation_pairs_path"):
         DPOOutput(**{f.name: "" for f in dataclasses.fields(DPOOutput) if f.name != "validation_pairs_path"})
+
+
+def test_each_arm_is_loaded_once_and_only_the_compared_arms_play_the_retention_set():
+    from dpo_driver.families.tooluse import ToolUse
+    from dpo_driver.policy import RandomPolicy, Sampling
+    from dpo_driver.rollouts import evaluate_arms
+
+    env, loaded = ToolUse(), []
+
+    def load(adapter):
+        loaded.append(adapter)
+        return RandomPolicy(env)
+
+    suite, kept = evaluate_arms(load, {"sft": "/s", "dpo": "/d", "champion": "/c"}, env, ["calculator"], [2_000_000, 2_000_001],
+                                Sampling(temperature=0.0), retention_tasks=["lookup"], retention_policies=("champion", "dpo"))
+    assert loaded == ["/s", "/d", "/c"]
+    assert sorted((e["policy"], e["seed"]) for e in suite) == sorted((p, s) for p in ("sft", "dpo", "champion") for s in (2_000_000, 2_000_001))
+    assert {e["task"] for e in suite} == {"calculator"} and {e["task"] for e in kept} == {"lookup"}
+    assert sorted({e["policy"] for e in kept}) == ["champion", "dpo"] and len(kept) == 4

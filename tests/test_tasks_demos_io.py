@@ -107,3 +107,20 @@ def test_hold_out_keeps_every_tenth_demo_for_validation():
     assert [r["i"] for r in val] == [9, 19] and len(train) == 23 and not {r["i"] for r in val} & {r["i"] for r in train}
     assert hold_out(records[:3]) == (records[:2], records[2:3])  # fewer than ten: the last one
     assert hold_out(records[:1]) == (records[:1], [])
+
+
+def test_training_demos_scrub_user_demos_and_replay_the_expert_for_validation(tmp_path):
+    from dpo_driver.demos import generate_demos, training_demos
+    from dpo_driver.families.tooluse import ToolUse
+    from dpo_driver.io import atomic_write_jsonl
+
+    env = ToolUse()
+    mine = generate_demos(env, ["calculator"], [0, 1])
+    mine[0]["prompt"][0]["content"] += " Reply to jane.doe@example.com."
+    atomic_write_jsonl(tmp_path / "mine.jsonl", mine)
+    data = training_demos(env, ["calculator"], [0, 1], [500, 501], tmp_path / "mine.jsonl")
+    assert data.source == str(tmp_path / "mine.jsonl") and len(data.demos) == len(mine)
+    assert data.pii["pii_email_address"] == 1 and "jane.doe" not in json.dumps(data.demos)
+    assert {r["seed"] for r in data.validation} == {500, 501}  # held-out states from the expert, not from the user's demos
+    with pytest.raises(ValueError, match="no golden demonstrations"):
+        training_demos(env, ["calculator"], [], [500])  # no demo seed: nothing to train on
