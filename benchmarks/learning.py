@@ -44,7 +44,7 @@ from dpo_driver.environment import load_environment
 from dpo_driver.tasks import SeedPlan
 from dpo_driver.tracking import package_versions
 from dpo_driver.training import DPOParams, SFTParams, init_adapter, load_policy, train_dpo, train_kto, train_sft
-from dpo_driver.validation import validate_policy, validation_seeds
+from dpo_driver.validation import train_until_ready, validate_policy, validation_seeds
 
 
 LOOP_STAGES = ("model", "demos", "sft", "sft_validation", "eval:sft", "rollouts_r1:sft", "dpo_r1", "eval:dpo_r1")
@@ -127,18 +127,32 @@ def run(args) -> dict:
         base = resolve_model(model_name)
     with clock.stage("demos"):
         demos = generate_demos(env, tasks, list(plan.demo))
-    with clock.stage("sft"):
-        sft = train_sft(base, demos, work / "sft", SFTParams(**sft_cfg))
+    gate_cfg = SFTGateConfig(**ops.get("sft_adapter_validation", {}))  # the check's own defaults
+    validation = generate_demos(env, tasks, validation_seeds(suite.get("validation_seeds", 10), plan.demo))
+    validation_prompts = list(dict.fromkeys(r["prompt"][0]["content"] for r in validation))
+    sft_params = SFTParams(**sft_cfg)
+
+    def check(adapter: Path):  # the DAG's SFT gate measure, on the same validation slice of the demo band
+        return validate_policy(LMPolicy(*load_policy(base, adapter), env=env), validation, env.parse, gate_cfg.max_new_tokens or env.max_new_tokens)
+
+    def train_round(r: int, previous: Path | None):
+        res = train_sft(base, demos, work / f"sft_r{r}", sft_params, init_adapter_dir=previous)
+        return res.adapter_dir, res
+
+    def report_round(rd):
+        if rd.validation:
+            print(f"SFT round: {rd.validation.expert_match:.0%} expert match on {rd.validation.num_states} held-out states", flush=True)
+
+    with clock.stage("sft"):  # rounds of max_steps until the held-out expert match is reached, as in the DAG
+        sft_rounds = train_until_ready(train_round, check, sft_params.until_expert_match, sft_params.max_rounds, on_round=report_round)
+        sft = sft_rounds[-1].result
     with clock.stage("sft_validation"):
-        # The DAG's blocking SFT gate, on the same validation slice of the demo band; here it is reported, not enforced.
-        gate_cfg = SFTGateConfig(**ops.get("sft_adapter_validation", {}))  # the check's own defaults
-        validation = generate_demos(env, tasks, validation_seeds(suite.get("validation_seeds", 10), plan.demo))
-        validation_prompts = list(dict.fromkeys(r["prompt"][0]["content"] for r in validation))
-        val = validate_policy(LMPolicy(*load_policy(base, sft.adapter_dir), env=env), validation, env.parse,
-                              gate_cfg.max_new_tokens or env.max_new_tokens)
+        # The DAG's blocking SFT gate; here it is reported, not enforced.
+        val = sft_rounds[-1].validation or check(sft.adapter_dir)
         passed, message = val.verdict(gate_cfg.min_valid_fraction, gate_cfg.min_expert_match)
         sft_validation = {"passed": passed, "message": message, "valid_fraction": round(val.valid_fraction, 4),
-                          "expert_match": round(val.expert_match, 4), "states": val.num_states}
+                          "expert_match": round(val.expert_match, 4), "states": val.num_states, "rounds": len(sft_rounds),
+                          "round_expert_match": [round(rd.validation.expert_match, 4) for rd in sft_rounds if rd.validation]}
         print(message, flush=True)
 
     current, current_name = sft.adapter_dir, "sft"

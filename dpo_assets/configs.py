@@ -20,6 +20,9 @@ class SFTAdapterConfig(dg.Config):
     learning_rate: float = Field(default(SFTParams, "learning_rate"), description="trl.SFTConfig.learning_rate")
     max_steps: int = Field(default(SFTParams, "max_steps"), description="trl.SFTConfig.max_steps: the budget in optimizer steps, the same whatever "
                            "the number of demos; 0 = num_train_epochs passes with the min_steps floor")
+    until_expert_match: float = Field(default(SFTParams, "until_expert_match"), description="train another round of max_steps (continuing the "
+                                      "adapter) while the greedy policy matches the expert on fewer held-out demo states than this; 0 = one round")
+    max_rounds: int = Field(default(SFTParams, "max_rounds"), description="cap on those rounds")
     num_train_epochs: float = Field(default(SFTParams, "num_train_epochs"), description="passes over the demos, only when max_steps is 0")
     min_steps: int = Field(default(SFTParams, "min_steps"), description="optimizer-step floor of the epoch budget (max_steps 0)")
     per_device_train_batch_size: int = Field(default(SFTParams, "per_device_train_batch_size"), description="trl.SFTConfig.per_device_train_batch_size")

@@ -1,4 +1,5 @@
 from dataclasses import asdict
+from pathlib import Path
 
 import dagster as dg
 
@@ -9,7 +10,8 @@ from dpo_driver.io import atomic_write_jsonl
 from dpo_driver.stages import SFTOutput
 from dpo_driver.train import JobSpec
 from dpo_driver.training import SFTParams, scratch_dir_for
-from dpo_driver.validation import validation_seeds
+from dpo_driver.policy import LMPolicy
+from dpo_driver.validation import train_until_ready, validate_policy, validation_seeds
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher
 
 
@@ -41,13 +43,32 @@ def sft_adapter(
         with st.files() as tmp:
             atomic_write_jsonl(tmp / "demos.jsonl", demos)
             atomic_write_jsonl(tmp / "validation.jsonl", validation)
-            # Paths relative to the spec's folder: the spec stays valid once tmp becomes `out`.
-            spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params), scratch_dir=str(scratch_dir_for(st.out)))
-            result = trainer.train(context, spec.write(tmp / "sft_job.json"))
-        st.run.log_metrics({**result["metrics"], **pii})
+
+            def train_round(r: int, previous: Path | None):
+                if previous is not None:  # kept as this round's start; the last round's adapter is always "adapter"
+                    (tmp / "rounds").mkdir(exist_ok=True)
+                    previous.rename(tmp / "rounds" / str(r - 1))
+                # Paths relative to the spec's folder: the spec stays valid once tmp becomes `out`.
+                spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params), init_adapter_dir=f"rounds/{r - 1}" if r else "",
+                               scratch_dir=str(scratch_dir_for(st.out)) + (f"-r{r}" if r else ""))
+                return tmp / "adapter", trainer.train(context, spec.write(tmp / (f"sft_job_r{r}.json" if r else "sft_job.json")))
+
+            def check(adapter: Path):
+                measured = validate_policy(LMPolicy(*policy_model.load(str(adapter)), env), validation, env.parse, env.max_new_tokens)
+                context.log.info(f"SFT round: {measured.expert_match:.0%} expert match on {measured.num_states} held-out states "
+                                 f"(another round below {params.until_expert_match:.0%})")
+                return measured
+
+            rounds = train_until_ready(train_round, check, params.until_expert_match, params.max_rounds)
+            result = rounds[-1].result
+        for r, rd in enumerate(rounds):
+            if rd.validation:
+                st.run.log_metrics({"round_expert_match": rd.validation.expert_match, "round_valid_fraction": rd.validation.valid_fraction}, step=r)
+        st.run.log_metrics({**result["metrics"], **pii, "sft_rounds": len(rounds)})
         st.run.log_artifact(st.out / "demos.jsonl")
         st.run.log_artifacts(st.out / "adapter", "adapter")
     value = SFTOutput(adapter_dir=str(st.out / "adapter"), base_model=base, model=policy_model.model, num_examples=result["num_examples"],
                       mlflow_run_id=st.run.run_id, demos_path=str(st.out / "demos.jsonl"), validation_path=str(st.out / "validation.jsonl"))
     return st.result(value, adapter_dir=dg.MetadataValue.path(value.adapter_dir), base_model=base, demo_steps=len(demos),
-                     demo_source=source, **pii, validation_states=len(validation), **numeric(result["metrics"]))
+                     demo_source=source, **pii, validation_states=len(validation), sft_rounds=len(rounds),
+                     **numeric(result["metrics"]))

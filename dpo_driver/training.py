@@ -35,6 +35,8 @@ class SFTParams:
     target_modules: str | list[str] = "all-linear"  # PEFT target modules; "all-linear" skips lm_head
     learning_rate: float = 2e-4  # AdamW peak learning rate (linear decay)
     max_steps: int = 20  # the budget in optimizer steps, whatever the number of demos; 0 = num_train_epochs passes (see train_steps)
+    until_expert_match: float = 0.5  # another round of max_steps while held-out expert match is below this (validation.train_until_ready); 0 = one round
+    max_rounds: int = 4  # cap on those rounds
     num_train_epochs: float = 3.0  # passes over the demos, only when max_steps is 0
     min_steps: int = 20  # optimizer-step floor of the epoch budget (max_steps 0)
     per_device_train_batch_size: int = 8  # examples per step before accumulation

@@ -10,9 +10,10 @@ each state is the one the expert reached). No browser is needed to score it.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
-
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from dpo_driver.environment import Parsed
 from dpo_driver.policy import Sampling
@@ -53,7 +54,7 @@ class ValidationResult:
         return False, (
             f"SFT policy is not ready for rollouts: {'; '.join(problems)} on {self.num_states} held-out demo states"
             + (f" (weakest tasks: {', '.join(weak[:8])})" if weak else "")
-            + ". Train longer (sft_adapter min_steps / num_train_epochs) or give more demos (task_suite demo_seeds)."
+            + ". Train longer (sft_adapter max_steps, until_expert_match / max_rounds) or give more demos (task_suite demo_seeds)."
         )
 
 
@@ -81,3 +82,36 @@ def validate_policy(policy, records: list[dict], parse: Callable[[str], Parsed],
                       "expert_match": sum(m for _, m in rows) / len(rows)} for t, rows in sorted(per.items())},
         examples=examples,
     )
+
+
+@dataclass(frozen=True)
+class Round:
+    adapter_dir: Path
+    result: Any  # what the round's trainer returned
+    validation: ValidationResult | None  # None: no further round was possible, so it was not measured
+
+
+def train_until_ready(train_round: Callable[[int, Path | None], tuple[Path, Any]], check: Callable[[Path], ValidationResult],
+                      until_expert_match: float, max_rounds: int, on_round: Callable[[Round], None] | None = None) -> list[Round]:
+    """SFT in rounds of a fixed step budget until the policy matches the expert on held-out demo
+    states (the SFT gate's measure) at `until_expert_match`, at most `max_rounds` rounds; round r > 0
+    continues round r-1's adapter (`train_round(r, previous adapter)` -> (adapter, result)). Returns
+    every round; the last one is the result.
+
+    A fixed budget makes the cost independent of the suite, but not the outcome: 20 steps leave a
+    4-task suite at 56% expert match and the 39-task set at 31%, whose policy never completed a
+    typing task. The criterion stops where the suite is learned, not where its size says.
+    """
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
+    rounds: list[Round] = []
+    adapter = None
+    for r in range(max_rounds):
+        adapter, result = train_round(r, adapter)
+        last = r == max_rounds - 1 or until_expert_match <= 0
+        rounds.append(Round(Path(adapter), result, None if last else check(Path(adapter))))
+        if on_round:
+            on_round(rounds[-1])
+        if last or rounds[-1].validation.expert_match >= until_expert_match:
+            break
+    return rounds

@@ -2,9 +2,12 @@
 a trained one passes. Real MiniWoB demos (expert on the demo band's validation slice), real TRL."""
 
 import copy
+import json
+from pathlib import Path
 
 import dagster as dg
 import pytest
+from mlflow import MlflowClient
 
 from dpo_assets.checks import sft_adapter_validation
 from dpo_assets.presets import preset
@@ -67,3 +70,18 @@ def test_trained_adapter_passes_on_held_out_demo_states(resources, tmp_path):
 def test_validation_seeds_refuse_to_overlap_training_demos():
     with pytest.raises(ValueError, match="overlap"):
         validation_seeds(3, demo_seeds=[VALIDATION_OFFSET + 1])
+
+
+def test_sft_trains_more_rounds_until_the_held_out_expert_match_is_reached(resources, tmp_path):
+    # A criterion the tiny model cannot meet: every round runs, each continuing the previous adapter.
+    result = run(resources, {"max_steps": 2, "until_expert_match": 1.0, "max_rounds": 3}, tmp_path)
+    [mat] = [m for m in result.get_asset_materialization_events() if m.asset_key.to_user_string() == "sft_adapter"]
+    metadata = mat.materialization.metadata
+    assert metadata["sft_rounds"].value == 3 and metadata["global_step"].value == 2
+    sft = result.output_for_node("sft_adapter")
+    out = Path(sft.adapter_dir).parent
+    assert sorted(p.name for p in (out / "rounds").iterdir()) == ["0", "1"]  # the earlier rounds' adapters, kept
+    assert json.loads((out / "sft_job_r2.json").read_text())["init_adapter_dir"] == "rounds/1"
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    history = client.get_metric_history(sft.mlflow_run_id, "round_expert_match")
+    assert sorted(m.step for m in history) == [0, 1]  # measured after each round that could be followed by another

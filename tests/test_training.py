@@ -254,3 +254,31 @@ def test_init_adapter_is_the_base_model_and_dpo_can_start_from_it(tmp_path):
         assert torch.allclose(base(**batch).logits, zero(**batch).logits)  # LoRA B = 0: the policy is the base
     result = train_dpo("tiny-random", start, DPO_RECORDS, tmp_path / "dpo", DPO)
     assert result.metrics["rewards/margins"] > 0
+
+
+def test_train_until_ready_stops_at_the_criterion_or_the_cap(tmp_path):
+    from dpo_driver.validation import ValidationResult, train_until_ready
+
+    def scripted(matches):
+        calls = []
+
+        def train_round(r, previous):
+            calls.append((r, previous))
+            return tmp_path / f"a{r}", {"round": r}
+
+        def check(adapter):
+            return ValidationResult(num_states=10, valid_fraction=1.0, expert_match=matches[int(adapter.name[1:])], per_task={}, examples=[])
+
+        return calls, train_round, check
+
+    calls, train_round, check = scripted([0.3, 0.6, 0.9])
+    rounds = train_until_ready(train_round, check, 0.5, 4)
+    assert [r.validation.expert_match for r in rounds] == [0.3, 0.6]  # met after round 1: no third round
+    assert calls == [(0, None), (1, tmp_path / "a0")]  # round 1 continued round 0's adapter
+    calls, train_round, check = scripted([0.1, 0.1, 0.1])
+    rounds = train_until_ready(train_round, check, 0.5, 3)
+    assert len(rounds) == 3 and rounds[-1].validation is None  # the cap: the last round is not measured (nothing follows it)
+    calls, train_round, check = scripted([0.0])
+    assert len(train_until_ready(train_round, check, 0.0, 4)) == 1  # criterion off: one round, never measured
+    with pytest.raises(ValueError, match="max_rounds"):
+        train_until_ready(train_round, check, 0.5, 0)
