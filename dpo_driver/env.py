@@ -12,7 +12,7 @@ from dpo_driver.environment import EnvCrashed
 from dpo_driver.observation import Observation, parse_observation
 
 __all__ = ["BrowserMissing", "EnvCrashed", "StepResult", "WebEnv", "find_browser"]
-from dpo_driver.procs import browser_pids, kill_tree
+from dpo_driver.procs import browser_pids, browser_tree, kill_tree
 
 # A closed <select> hides its options from MiniWoB's DOM dump (they have no layout box): read
 # them, as (text, selected) pairs per select ref, so the policy can see what it may choose.
@@ -173,12 +173,13 @@ class WebEnv:
     def _discard(self):
         env, self._env = self._env, None
         pids, self._pids = self._pids, []
+        tree = browser_tree(pids)  # before quit(): a renderer whose parent quit() kills is orphaned, no one's child after
         if env is not None:
             try:
                 env.close()
             except Exception:  # a dead driver cannot close its browser: the process kill below does
                 pass
-        kill_tree(pids)  # whatever quit() left behind, e.g. Chromium orphaned by a killed chromedriver
+        kill_tree(pids, also=tree)  # whatever quit() left behind, e.g. Chromium orphaned by a killed chromedriver
 
     def close(self):
         self._discard()

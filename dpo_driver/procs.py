@@ -20,22 +20,31 @@ def browser_pids(driver) -> list[int]:
     return [root.pid] + [c.pid for c in root.children()]
 
 
-def kill_tree(pids: list[int], timeout: float = 5.0) -> list[int]:
-    """SIGKILL every recorded process and all its descendants; returns the PIDs that were still alive.
+def browser_tree(pids: list[int]) -> list[psutil.Process]:
+    """The recorded processes that are still the browser or its driver, and all their descendants.
 
     A PID recorded earlier may since have been reused by an unrelated process: only processes
-    still named like the browser or its driver are touched.
+    still named like the browser or its driver are roots. psutil.Process objects remember their
+    start time, so killing one later never hits a reused PID.
     """
-    victims: dict[int, psutil.Process] = {}
+    tree: dict[int, psutil.Process] = {}
     for pid in pids:
         try:
             p = psutil.Process(pid)
             if not _is_browser(p):
                 continue
             for q in [p, *p.children(recursive=True)]:
-                victims[q.pid] = q
+                tree[q.pid] = q
         except psutil.NoSuchProcess:
             continue
+    return list(tree.values())
+
+
+def kill_tree(pids: list[int], timeout: float = 5.0, also: list[psutil.Process] = ()) -> list[int]:
+    """SIGKILL every recorded process and all its descendants, and `also` (a tree snapshotted
+    earlier: children orphaned since, e.g. when quit() killed their parent, are no longer anyone's
+    descendants); returns the PIDs that were killed or waited for."""
+    victims = {q.pid: q for q in [*also, *browser_tree(pids)]}
     for q in victims.values():
         try:
             q.kill()
