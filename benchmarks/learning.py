@@ -141,7 +141,7 @@ def run(args) -> dict:
 
     def report_round(rd):
         if rd.validation:
-            print(f"SFT round: {rd.validation.expert_match:.0%} expert match on {rd.validation.num_states} held-out states", flush=True)
+            print(f"SFT round: {rd.validation.expert_match:.1%} expert match on {rd.validation.num_states} held-out states", flush=True)
 
     with clock.stage("sft"):  # rounds of max_steps until the held-out expert match is reached, as in the DAG
         sft_rounds = train_until_ready(train_round, check, sft_params.until_expert_match, sft_params.max_rounds, on_round=report_round)

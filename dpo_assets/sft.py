@@ -55,7 +55,7 @@ def sft_adapter(
 
             def check(adapter: Path):
                 measured = validate_policy(LMPolicy(*policy_model.load(str(adapter)), env), validation, env.parse, env.max_new_tokens)
-                context.log.info(f"SFT round: {measured.expert_match:.0%} expert match on {measured.num_states} held-out states "
+                context.log.info(f"SFT round: {measured.expert_match:.1%} expert match on {measured.num_states} held-out states "
                                  f"(another round below {params.until_expert_match:.0%})")
                 return measured
 
