@@ -276,7 +276,7 @@ class Promotion:
 
 
 def promotion_decision(episodes: pd.DataFrame, retention_episodes: pd.DataFrame | None, baseline: str, environment: str,
-           confidence: float = 0.95, n_boot: int = 10000, min_retention: float = 0.95) -> Promotion:
+                       confidence: float = 0.95, n_boot: int = 10000, min_retention: float = 0.95) -> Promotion:
     """The promotion decision from evaluation episodes: drop crashed items (for every policy), compare
     the candidate "dpo" with `baseline` on the held-out suite, then require the retention set kept.
     A "promote" that loses the retention set becomes "keep previous", and the report says so."""

@@ -86,7 +86,6 @@ def validate_policy(policy, records: list[dict], parse: Callable[[str], Parsed],
 
 @dataclass(frozen=True)
 class Round:
-    adapter_dir: Path
     result: Any  # what the round's trainer returned
     validation: ValidationResult | None  # None: no further round was possible, so it was not measured
 
@@ -109,7 +108,7 @@ def train_until_ready(train_round: Callable[[int, Path | None], tuple[Path, Any]
     for r in range(max_rounds):
         adapter, result = train_round(r, adapter)
         last = r == max_rounds - 1 or until_expert_match <= 0
-        rounds.append(Round(Path(adapter), result, None if last else check(Path(adapter))))
+        rounds.append(Round(result, None if last else check(Path(adapter))))
         if on_round:
             on_round(rounds[-1])
         if last or rounds[-1].validation.expert_match >= until_expert_match:
