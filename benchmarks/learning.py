@@ -43,8 +43,8 @@ from dpo_driver.stats import decide, paired_bootstrap_diff
 from dpo_driver.environment import load_environment
 from dpo_driver.tasks import SeedPlan
 from dpo_driver.tracking import package_versions
-from dpo_driver.training import DPOParams, SFTParams, init_adapter, load_policy, train_dpo, train_kto, train_sft
-from dpo_driver.validation import train_until_ready, validate_policy, validation_seeds
+from dpo_driver.training import DPOParams, SFTParams, TrainResult, init_adapter, load_policy, train_dpo, train_kto, train_sft
+from dpo_driver.validation import Round, train_until_ready, validate_policy, validation_seeds
 
 
 LOOP_STAGES = ("model", "demos", "sft", "sft_validation", "eval:sft", "rollouts_r1:sft", "dpo_r1", "eval:dpo_r1")
@@ -144,7 +144,10 @@ def run(args) -> dict:
             print(f"SFT round: {rd.validation.expert_match:.1%} expert match on {rd.validation.num_states} held-out states", flush=True)
 
     with clock.stage("sft"):  # rounds of max_steps until the held-out expert match is reached, as in the DAG
-        sft_rounds = train_until_ready(train_round, check, sft_params.until_expert_match, sft_params.max_rounds, on_round=report_round)
+        if args.sft_adapter:  # a finished SFT stage of an earlier run: the rest of the loop on top of it
+            sft_rounds = [Round(TrainResult(Path(args.sft_adapter), {}, len(demos), []), None)]
+        else:
+            sft_rounds = train_until_ready(train_round, check, sft_params.until_expert_match, sft_params.max_rounds, on_round=report_round)
         sft = sft_rounds[-1].result
     with clock.stage("sft_validation"):
         # The DAG's blocking SFT gate; here it is reported, not enforced.
@@ -279,7 +282,7 @@ def run(args) -> dict:
     frame = frame[~frame["env_error"]]
     report = build_report(frame[["policy", "task", "seed", "success"]], baseline="sft", candidate="dpo", seed=args.seed)
     out = {"command": " ".join(shlex.quote(a) for a in sys.argv), "environment": env.name, "preset": args.preset, "seed": args.seed, "task_suite": tasks,
-           "model": model_name, "tasks": {}, "rounds": rounds, "final_policy": final, "wall_seconds": clock.wall,
+           "model": model_name, "sft_adapter_reused": args.sft_adapter or None, "tasks": {}, "rounds": rounds, "final_policy": final, "wall_seconds": clock.wall,
            "generation": clock.tokens, "packages": package_versions(), "python": platform.python_version(),
            "precision": "bfloat16" if bf16_is_native() else "float32", "cpu_threads": torch.get_num_threads(),
            "seeds": {"demo": [plan.demo[0], plan.demo[-1]], "rollout": [plan.rollout[0], plan.rollout[-1]],
@@ -401,6 +404,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--demo-seeds", type=int, default=0, help="override expert demos per task (what the SFT gate asks for when it fails)")
     ap.add_argument("--eval-offset", type=int, default=0,
                     help="start the held-out seeds this far into the eval band (a range no tuning has looked at)")
+    ap.add_argument("--sft-adapter", default="", help="skip SFT: start from this adapter (an earlier run's SFT stage, trained "
+                    "with the same preset, suite and seed; its wall time is not in this run's)")
     ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)

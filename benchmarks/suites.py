@@ -142,17 +142,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--arms", default="rft,eto", help="learning.py arms per run (rft, eto, zero, ...)")
     ap.add_argument("--eval-offset", type=int, default=0, help="held-out seeds start this far into the eval band")
     ap.add_argument("--eval-seeds", type=int, default=0, help="override held-out seeds per task")
+    ap.add_argument("--sft-adapter", default="", help="learning.py --sft-adapter: one suite and one training seed only")
     ap.add_argument("--json", default=str(RESULTS), help="results file; each run is added (same suite+seed replaced)")
     ap.add_argument("--table-only", action="store_true", help="print the table of the results file and exit")
     args = ap.parse_args(argv)
     path = Path(args.json)
     if not args.table_only:
-        for suite, tasks in resolve_suites(args.suites, args.preset, args.draw_seed).items():
-            for seed in [int(s) for s in args.train_seeds.split(",") if s.strip()]:
+        suites, seeds = resolve_suites(args.suites, args.preset, args.draw_seed), [int(s) for s in args.train_seeds.split(",") if s.strip()]
+        if args.sft_adapter and len(suites) * len(seeds) != 1:
+            ap.error("--sft-adapter is one suite's SFT stage: give one suite and one training seed")
+        for suite, tasks in suites.items():
+            for seed in seeds:
                 t0 = time.time()
                 print(f"\n=== suite {suite} ({', '.join(tasks)}), training seed {seed} ===", flush=True)
                 res = learning.main(["--preset", args.preset, "--seed", str(seed), "--tasks", ",".join(tasks), "--arms", args.arms,
-                                     "--eval-offset", str(args.eval_offset), "--eval-seeds", str(args.eval_seeds)])
+                                     "--eval-offset", str(args.eval_offset), "--eval-seeds", str(args.eval_seeds),
+                                     "--sft-adapter", args.sft_adapter])
                 res.pop("report_markdown", None)
                 res.update(suite=suite, tasks=tasks, suites_command=" ".join(shlex.quote(a) for a in sys.argv),
                            suite_wall_seconds=round(time.time() - t0, 1))
