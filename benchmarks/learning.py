@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from dpo_driver.environment import load_environment
 from dpo_driver.tasks import SeedPlan
 from dpo_driver.tracking import package_versions
 from dpo_driver.training import DPOParams, SFTParams, TrainResult, init_adapter, load_policy, train_dpo, train_kto, train_sft
-from dpo_driver.validation import Round, train_until_ready, validate_policy, validation_seeds
+from dpo_driver.validation import Round, round_message, train_until_ready, validate_policy, validation_seeds
 
 
 LOOP_STAGES = ("model", "demos", "sft", "sft_validation", "eval:sft", "rollouts_r1:sft", "dpo_r1", "eval:dpo_r1")
@@ -112,7 +112,8 @@ def run(args) -> dict:
     plan = SeedPlan.build(args.demo_seeds or suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"],
                            eval_offset=args.eval_offset)
     # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
-    sft_cfg = {**SFTAdapterConfig(**ops["sft_adapter"]).model_dump(exclude={"demos_path", "scrub_pii"}), "seed": args.seed}
+    sft_stage = SFTAdapterConfig(**ops["sft_adapter"])
+    sft_cfg = {**asdict(sft_stage.sft_params()), "seed": args.seed}
     dpo_cfg = {**DPOAdapterConfig(**ops["dpo_adapter"]).model_dump(), "seed": args.seed}
     roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
@@ -133,7 +134,8 @@ def run(args) -> dict:
     sft_params = SFTParams(**sft_cfg)
 
     def check(adapter: Path):  # the DAG's SFT gate measure, on the same validation slice of the demo band
-        return validate_policy(LMPolicy(*load_policy(base, adapter), env=env), validation, env.parse, gate_cfg.max_new_tokens or env.max_new_tokens)
+        return validate_policy(LMPolicy(*load_policy(base, adapter), env=env), validation, env.parse,
+                               sft_stage.validation_max_new_tokens or env.max_new_tokens)
 
     def train_round(r: int, previous: Path | None):
         res = train_sft(base, demos, work / f"sft_r{r}", sft_params, init_adapter_dir=previous)
@@ -141,7 +143,7 @@ def run(args) -> dict:
 
     def report_round(rd):
         if rd.validation:
-            print(f"SFT round: {rd.validation.expert_match:.1%} expert match on {rd.validation.num_states} held-out states", flush=True)
+            print(round_message(rd, sft_params.until_expert_match), flush=True)
 
     with clock.stage("sft"):  # rounds of max_steps until the held-out expert match is reached, as in the DAG
         if args.sft_adapter:  # a finished SFT stage of an earlier run: the rest of the loop on top of it

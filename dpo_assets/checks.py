@@ -155,7 +155,6 @@ def evaluation_report_seeds_disjoint(context: dg.AssetCheckExecutionContext, eva
 class SFTGateConfig(dg.Config):
     min_valid_fraction: float = Field(0.8, description="share of held-out demo states where the SFT policy's greedy answer parses as an action")
     min_expert_match: float = Field(0.25, description="share of held-out demo states where it equals the expert's action")
-    max_new_tokens: int = Field(0, description="tokens generated per answer (greedy); 0 = the family's (Environment.max_new_tokens)")
 
 
 # Op name "sft_adapter_validation" (<asset>_<check>), the key its config has in run config and presets.
@@ -164,11 +163,13 @@ class SFTGateConfig(dg.Config):
 def sft_adapter_validation(context: dg.AssetCheckExecutionContext, config: SFTGateConfig, sft_adapter: SFTOutput,
                            policy_model: PolicyModel, environment: EnvironmentResource, tracker: MLflowTracker) -> dg.AssetCheckResult:
     env = environment.get()
-    model, tokenizer = policy_model.load(sft_adapter.adapter_dir)
-    result = validate_policy(LMPolicy(model, tokenizer, env), read_jsonl(Path(sft_adapter.validation_path)), env.parse,
-                             config.max_new_tokens or env.max_new_tokens)
+    # The asset's last SFT round measured these states greedily with this adapter and token budget: the same numbers.
+    measured_by = "sft_adapter's last round" if sft_adapter.validation else "this check"
+    result = sft_adapter.validation or validate_policy(LMPolicy(*policy_model.load(sft_adapter.adapter_dir), env),
+                                                       read_jsonl(Path(sft_adapter.validation_path)), env.parse,
+                                                       sft_adapter.validation_max_new_tokens or env.max_new_tokens)
     passed, message = result.verdict(config.min_valid_fraction, config.min_expert_match)
-    context.log.info(message)
+    context.log.info(f"{message} (measured by {measured_by})")
     run_id = sft_adapter.mlflow_run_id
     if not passed:
         audit_gate_failure(context, tracker, "sft_adapter", "sft_adapter_validation", message, run_id)
@@ -183,7 +184,7 @@ def sft_adapter_validation(context: dg.AssetCheckExecutionContext, config: SFTGa
         severity=dg.AssetCheckSeverity.ERROR,
         description=message,
         metadata={
-            "valid_fraction": result.valid_fraction, "expert_match": result.expert_match, "states": result.num_states,
+            "valid_fraction": result.valid_fraction, "expert_match": result.expert_match, "states": result.num_states, "measured_by": measured_by,
             "min_valid_fraction": config.min_valid_fraction, "min_expert_match": config.min_expert_match,
             "per_task": dg.MetadataValue.md(per_task.to_markdown() if not per_task.empty else "(none)"),
             "mismatches": dg.MetadataValue.json(result.examples),

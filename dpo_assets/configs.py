@@ -32,6 +32,12 @@ class SFTAdapterConfig(dg.Config):
     checkpoint_steps: int = Field(default(SFTParams, "checkpoint_steps"), description="trl.SFTConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
     scrub_pii: bool = Field(True, description="replace PII (dpo_driver.pii) in the demos before they are stored as training data; "
                             "the blocking check sft_adapter_pii re-scans either way")
+    validation_max_new_tokens: int = Field(0, description="tokens per greedy answer when the SFT policy answers the held-out demo states "
+                                           "(each round's measure and the blocking check sft_adapter_validation's); 0 = the family's")
+
+    def sft_params(self, **more) -> SFTParams:
+        """The training parameters: every field but the stage's own."""
+        return SFTParams(**self.model_dump(exclude={"demos_path", "scrub_pii", "validation_max_new_tokens"}), **more)
 
 
 class RolloutConfig(dg.Config):

@@ -1,5 +1,4 @@
 from dataclasses import asdict
-from pathlib import Path
 
 import dagster as dg
 
@@ -9,9 +8,9 @@ from dpo_driver.demos import training_demos
 from dpo_driver.io import atomic_write_jsonl
 from dpo_driver.stages import SFTOutput
 from dpo_driver.train import JobSpec
-from dpo_driver.training import SFTParams, scratch_dir_for
+from dpo_driver.training import scratch_dir_for
 from dpo_driver.policy import LMPolicy
-from dpo_driver.validation import train_until_ready, validate_policy, validation_seeds
+from dpo_driver.validation import round_message, sft_rounds_in, validate_policy, validation_seeds
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher
 
 
@@ -36,30 +35,19 @@ def sft_adapter(
                           config.scrub_pii, on_episode=lambda t, s, ok: context.log.debug(f"demo {t} seed {s}: {'ok' if ok else 'expert failed'}"))
     demos, validation, source, pii = data.demos, data.validation, data.source, data.pii
     context.log.info(f"{len(demos)} demo steps from {source}; training LoRA SFT on {base}")
-    params = SFTParams(**config.model_dump(exclude={"demos_path", "scrub_pii"}), load_in_4bit=policy_model.load_in_4bit,
-                       bf16=policy_model.train_bf16())
+    params = config.sft_params(load_in_4bit=policy_model.load_in_4bit, bf16=policy_model.train_bf16())
+    max_new_tokens = config.validation_max_new_tokens or env.max_new_tokens
+    # Each round's measure is the SFT gate's (same states, greedy, same token budget): the gate reuses the last one.
+    check = lambda adapter: validate_policy(LMPolicy(*policy_model.load(str(adapter)), env), validation, env.parse,  # noqa: E731
+                                            max_new_tokens)
     with stage(context, "sft", "sft_adapter", {**config.model_dump(), "base_model": policy_model.model, "tasks": tasks},
                tracker, artifact_store, env.name) as st:
         with st.files() as tmp:
             atomic_write_jsonl(tmp / "demos.jsonl", demos)
             atomic_write_jsonl(tmp / "validation.jsonl", validation)
-
-            def train_round(r: int, previous: Path | None):
-                if previous is not None:  # kept as this round's start; the last round's adapter is always "adapter"
-                    (tmp / "rounds").mkdir(exist_ok=True)
-                    previous.rename(tmp / "rounds" / str(r - 1))
-                # Paths relative to the spec's folder: the spec stays valid once tmp becomes `out`.
-                spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params), init_adapter_dir=f"rounds/{r - 1}" if r else "",
-                               scratch_dir=str(scratch_dir_for(st.out)) + (f"-r{r}" if r else ""))
-                return tmp / "adapter", trainer.train(context, spec.write(tmp / (f"sft_job_r{r}.json" if r else "sft_job.json")))
-
-            def check(adapter: Path):
-                measured = validate_policy(LMPolicy(*policy_model.load(str(adapter)), env), validation, env.parse, env.max_new_tokens)
-                context.log.info(f"SFT round: {measured.expert_match:.1%} expert match on {measured.num_states} held-out states "
-                                 f"(another round below {params.until_expert_match:.0%})")
-                return measured
-
-            rounds = train_until_ready(train_round, check, params.until_expert_match, params.max_rounds)
+            spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params), scratch_dir=str(scratch_dir_for(st.out)))
+            rounds = sft_rounds_in(tmp, spec, lambda path: trainer.train(context, path), check, params.until_expert_match,
+                                   params.max_rounds, on_round=lambda rd: context.log.info(round_message(rd, params.until_expert_match)))
             result = rounds[-1].result
         for r, rd in enumerate(rounds):
             if rd.validation:
@@ -68,7 +56,8 @@ def sft_adapter(
         st.run.log_artifact(st.out / "demos.jsonl")
         st.run.log_artifacts(st.out / "adapter", "adapter")
     value = SFTOutput(adapter_dir=str(st.out / "adapter"), base_model=base, model=policy_model.model, num_examples=result["num_examples"],
-                      mlflow_run_id=st.run.run_id, demos_path=str(st.out / "demos.jsonl"), validation_path=str(st.out / "validation.jsonl"))
+                      mlflow_run_id=st.run.run_id, demos_path=str(st.out / "demos.jsonl"), validation_path=str(st.out / "validation.jsonl"),
+                      validation=rounds[-1].validation, validation_max_new_tokens=max_new_tokens)
     return st.result(value, adapter_dir=dg.MetadataValue.path(value.adapter_dir), base_model=base, demo_steps=len(demos),
                      demo_source=source, **pii, validation_states=len(validation), sft_rounds=len(rounds),
                      **numeric(result["metrics"]))

@@ -26,13 +26,13 @@ TINY = {
     "ops": {
         # A test preset on fixed data: epoch budgets (max_steps 0) keep its runs as short as they were;
         # one SFT round (a random model never matches the expert).
-        "sft_adapter": {"config": {"max_steps": 0, "until_expert_match": 0.0, "num_train_epochs": 10.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_length": 256}},
+        "sft_adapter": {"config": {"max_steps": 0, "until_expert_match": 0.0, "validation_max_new_tokens": 12, "num_train_epochs": 10.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_length": 256}},
         "rollout_trajectories": {"config": {"samples_per_seed": 4, "temperature": 0.7, "top_k": 3, "max_new_tokens": 12, "max_steps": 3}},
         "preference_pairs": {"config": {"min_margin": 0.5, "rejected_must_parse": False}},
         "dpo_adapter": {"config": {"max_steps": 0, "num_train_epochs": 1.0, "min_steps": 0, "per_device_train_batch_size": 2, "max_length": 256}},
         "evaluation_report": {"config": {"max_new_tokens": 12, "max_steps": 3, "n_boot": 1000}},
         # The random model learns the answer format, not the pages: the gate checks the format only.
-        "sft_adapter_validation": {"config": {"min_valid_fraction": 0.5, "min_expert_match": 0.0, "max_new_tokens": 12}},
+        "sft_adapter_validation": {"config": {"min_valid_fraction": 0.5, "min_expert_match": 0.0}},
         "preference_pairs_gates": {"config": {"min_pairs": 1, "require_rejected_parses": False}},
         "rollout_trajectories_gates": {"config": {}},
         # A few pairs from a random model: held-out accuracy is noise (and may have no pair at all).

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpo_driver.validation import ValidationResult
+
 
 @dataclass(frozen=True)
 class SFTOutput:
@@ -21,6 +23,10 @@ class SFTOutput:
     mlflow_run_id: str
     demos_path: str  # the (PII-scrubbed) demos trained on
     validation_path: str  # held-out expert states of the demo band: the SFT gate's input
+    # The last SFT round's measure of the gate (None: not measured there); the gate reuses it when
+    # its token budget is the same, so the DAG does not answer the same states twice.
+    validation: ValidationResult | None = None
+    validation_max_new_tokens: int = 0
 
 
 @dataclass(frozen=True)

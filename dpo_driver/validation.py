@@ -90,6 +90,14 @@ class Round:
     validation: ValidationResult | None  # None: no further round was possible, so it was not measured
 
 
+def round_message(rd: Round, until_expert_match: float) -> str:
+    """The run-log line of one SFT round ("" when the round was not measured)."""
+    if rd.validation is None:
+        return ""
+    return (f"SFT round: {rd.validation.expert_match:.1%} expert match on {rd.validation.num_states} held-out states "
+            f"(another round below {until_expert_match:.0%})")
+
+
 def train_until_ready(train_round: Callable[[int, Path | None], tuple[Path, Any]], check: Callable[[Path], ValidationResult],
                       until_expert_match: float, max_rounds: int, on_round: Callable[[Round], None] | None = None) -> list[Round]:
     """SFT in rounds of a fixed step budget until the policy matches the expert on held-out demo
@@ -114,3 +122,23 @@ def train_until_ready(train_round: Callable[[int, Path | None], tuple[Path, Any]
         if last or rounds[-1].validation.expert_match >= until_expert_match:
             break
     return rounds
+
+
+def sft_rounds_in(folder: Path, spec, launch: Callable[[Path], Any], check: Callable[[Path], ValidationResult],
+                  until_expert_match: float, max_rounds: int, on_round: Callable[[Round], None] | None = None) -> list[Round]:
+    """`train_until_ready` laid out in one stage folder, as the DAG keeps it: the last round's
+    adapter is always `spec.output_dir`, earlier rounds' under rounds/<r>; round r's job spec
+    (a `train.JobSpec`, paths relative to `folder`) is written to sft_job.json, then
+    sft_job_r<r>.json, and handed to `launch(spec_path) -> result`. Relative paths keep every spec
+    valid once the finished folder is moved into place."""
+    from dataclasses import replace
+
+    def train_round(r: int, previous: Path | None):
+        if previous is not None:  # kept as the next round's start
+            (folder / "rounds").mkdir(exist_ok=True)
+            previous.rename(folder / "rounds" / str(r - 1))
+        job = replace(spec, init_adapter_dir=f"rounds/{r - 1}" if r else spec.init_adapter_dir,
+                      scratch_dir=spec.scratch_dir + (f"-r{r}" if r and spec.scratch_dir else ""))
+        return folder / spec.output_dir, launch(job.write(folder / (f"sft_job_r{r}.json" if r else "sft_job.json")))
+
+    return train_until_ready(train_round, check, until_expert_match, max_rounds, on_round)

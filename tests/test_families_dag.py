@@ -38,7 +38,8 @@ def family_config(family: str, tasks: list[str]) -> dict:
     ops = cfg["ops"]
     ops["rollout_trajectories"]["config"].update(max_new_tokens=0, max_steps=0, samples_per_seed=2, strategy="candidates")
     ops["evaluation_report"]["config"].update(max_new_tokens=0, max_steps=0)
-    ops["sft_adapter_validation"]["config"].update(min_valid_fraction=0.0, max_new_tokens=0)
+    ops["sft_adapter_validation"]["config"].update(min_valid_fraction=0.0)
+    ops["sft_adapter"]["config"].update(validation_max_new_tokens=0)
     return cfg
 
 

@@ -85,3 +85,15 @@ def test_sft_trains_more_rounds_until_the_held_out_expert_match_is_reached(resou
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     history = client.get_metric_history(sft.mlflow_run_id, "round_expert_match")
     assert sorted(m.step for m in history) == [0, 1]  # measured after each round that could be followed by another
+    assert checks(result)["validation"].metadata["measured_by"].value == "this check"  # the last round is never measured by the asset
+
+
+def test_gate_reuses_the_last_rounds_measure_instead_of_answering_the_states_twice(resources, tmp_path):
+    # A criterion met after the first round: the asset measured that round, the gate reads the same numbers.
+    result = run(resources, {"until_expert_match": 0.05, "max_rounds": 2}, tmp_path)
+    evaluation = checks(result)["validation"]
+    sft = result.output_for_node("sft_adapter")
+    assert evaluation.metadata["measured_by"].value == "sft_adapter's last round"
+    [logged] = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(sft.mlflow_run_id, "round_expert_match")
+    assert evaluation.metadata["expert_match"].value == pytest.approx(logged.value) and logged.value >= 0.05
+    assert evaluation.metadata["states"].value == len(read_jsonl(sft.validation_path))

@@ -1,4 +1,6 @@
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,3 +284,28 @@ def test_train_until_ready_stops_at_the_criterion_or_the_cap(tmp_path):
     assert len(train_until_ready(train_round, check, 0.0, 4)) == 1  # criterion off: one round, never measured
     with pytest.raises(ValueError, match="max_rounds"):
         train_until_ready(train_round, check, 0.5, 0)
+
+
+def test_sft_rounds_in_keeps_every_round_in_one_movable_folder(tmp_path):
+    from dpo_driver.train import JobSpec
+    from dpo_driver.validation import ValidationResult, sft_rounds_in
+
+    launched = []
+
+    def launch(spec_path):  # stands in for the trainer: writes the adapter where the spec says
+        spec = JobSpec.load(spec_path)
+        Path(spec.output_dir).mkdir()
+        (Path(spec.output_dir) / "round").write_text(str(len(launched)))
+        launched.append(json.loads(Path(spec_path).read_text()))
+        return {"num_examples": 1}
+
+    def check(adapter):
+        return ValidationResult(num_states=4, valid_fraction=1.0, expert_match=0.25 * len(launched), per_task={}, examples=[])
+
+    spec = JobSpec("sft", "tiny-random", "demos.jsonl", "adapter", scratch_dir="/scratch/sft")
+    rounds = sft_rounds_in(tmp_path, spec, launch, check, until_expert_match=0.5, max_rounds=4)
+    assert len(rounds) == 2 and rounds[-1].validation.expert_match == 0.5
+    assert (tmp_path / "adapter" / "round").read_text() == "1" and (tmp_path / "rounds" / "0" / "round").read_text() == "0"
+    assert [(s["init_adapter_dir"], s["scratch_dir"], s["output_dir"]) for s in launched] == [
+        ("", "/scratch/sft", "adapter"), ("rounds/0", "/scratch/sft-r1", "adapter")]  # relative: valid after the folder moves
+    assert sorted(p.name for p in tmp_path.glob("sft_job*.json")) == ["sft_job.json", "sft_job_r1.json"]
