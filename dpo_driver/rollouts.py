@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from dpo_driver.environment import EnvCrashed, Environment, Session
@@ -269,3 +270,35 @@ def evaluate_arms(load_policy: Callable[[str], Any], adapters: dict[str, str], e
                                  on_progress=on_progress(f"retention {name}"))
         del policy  # one model in memory at a time
     return episodes, kept
+
+
+def collect_rollouts(load_policy: Callable[[], Any], env: Environment, tasks: list[str], seeds: list[int], samples_per_seed: int,
+                     sampling: Sampling, max_steps: int | None, policy_name: str, adapter_dir: str, traces_path: str = "",
+                     scrub_pii: bool = True, on_progress: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
+    """The rollout stage: (episodes, metrics). The episodes are a team's logged traces when
+    `traces_path` is given (checked line by line; no model is loaded), else K samples per seed of
+    `load_policy()`; PII is scrubbed before they are stored as training data, and each names the
+    adapter that acted (DPO continues from, and refers to, that policy)."""
+    from dpo_driver.pii import counts_metadata, scrub_records
+    from dpo_driver.traces import load_trace_jsonl
+
+    stats = None
+    if traces_path:
+        episodes = load_trace_jsonl(Path(traces_path), parse=env.parse)
+    else:
+        policy = load_policy()
+        episodes = run_episodes(policy, env, tasks, seeds, samples_per_seed, sampling, max_steps, policy_name=policy_name,
+                                on_progress=on_progress)
+        stats = policy.stats
+    pii = {}
+    if scrub_pii:
+        episodes, found = scrub_records(episodes)
+        pii = counts_metadata(found)
+    for ep in episodes:
+        ep["adapter_dir"] = adapter_dir
+    ok = [e for e in episodes if not e["env_error"]]
+    metrics = {"episodes": len(episodes), "env_errors": len(episodes) - len(ok),
+               "success_rate": sum(bool(e["success"]) for e in ok) / len(ok) if ok else float("nan"), **pii}
+    if stats is not None:
+        metrics.update(gen_seconds=stats.seconds, gen_new_tokens=stats.new_tokens, gen_tokens_per_second=stats.tokens_per_second)
+    return episodes, metrics
