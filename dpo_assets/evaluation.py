@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import dagster as dg
@@ -7,11 +6,10 @@ import pandas as pd
 from dpo_assets._common import episode_logger, numeric, stage
 from dpo_assets.configs import EvaluationConfig
 from dpo_driver.episode_traces import log_episode_traces
-from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.modelcard import build_model_card, pair_counts, publish_model_card
 from dpo_driver.policy import LMPolicy, Sampling
 from dpo_driver.registry import champion, record_evaluation
-from dpo_driver.report import EvalReport, plot_report, promotion_decision
+from dpo_driver.report import EvalReport, promotion_decision, write_evaluation
 from dpo_driver.rollouts import evaluate_arms
 from dpo_driver.stages import DPOOutput, EvaluationOutput, SFTOutput, evaluation_arms
 from dpo_driver.ui import embed_png_markdown
@@ -54,12 +52,7 @@ def evaluation_report(
                {**config.model_dump(), "tasks": tasks, "eval_seeds": len(plan.eval), "sft_run_id": sft_adapter.mlflow_run_id,
                 "dpo_run_id": dpo_adapter.mlflow_run_id}, tracker, artifact_store, env.name, tags={"decision": report.decision}) as st:
         with st.files() as tmp:
-            atomic_write_jsonl(tmp / "episodes.jsonl", frame.to_dict("records"))
-            if kept_eps:
-                atomic_write_jsonl(tmp / "retention_episodes.jsonl", kept_eps)
-            atomic_write_text(tmp / "report.md", report.markdown + "\n")
-            atomic_write_text(tmp / "report.json", json.dumps(report.summary, indent=2) + "\n")
-            plot_report(report, tmp / "success_by_task.png")
+            write_evaluation(tmp, outcome, kept_eps)
         st.run.log_metrics(numeric(report.summary))
         st.run.log_artifacts(st.out, "report")
         traces = log_episode_traces(st.run, st.run.run_id, frame.to_dict("records"), stage="evaluation")  # browsable per step in MLflow

@@ -293,3 +293,20 @@ def promotion_decision(episodes: pd.DataFrame, retention_episodes: pd.DataFrame 
             report.markdown += f" Decision: **{decision}** (was {report.decision})."
         report.decision = decision
     return Promotion(report, frame, dropped, kept)
+
+
+def write_evaluation(folder: Path, promotion: Promotion, retention_episodes: list[dict]) -> list[Path]:
+    """The evaluation stage's files in `folder`: every episode (suite and retention), the report
+    as markdown and JSON, and the plot."""
+    import json
+
+    from dpo_driver.io import atomic_write_jsonl, atomic_write_text
+
+    folder = Path(folder)
+    written = [atomic_write_jsonl(folder / "episodes.jsonl", promotion.episodes.to_dict("records"))]
+    if retention_episodes:
+        written.append(atomic_write_jsonl(folder / "retention_episodes.jsonl", retention_episodes))
+    written.append(atomic_write_text(folder / "report.md", promotion.report.markdown + "\n"))
+    written.append(atomic_write_text(folder / "report.json", json.dumps(promotion.report.summary, indent=2) + "\n"))
+    written.append(plot_report(promotion.report, folder / "success_by_task.png"))
+    return written

@@ -181,7 +181,7 @@ def test_a_crashed_item_is_dropped_for_every_policy():
     assert drop_crashed_items(kept) == (kept, 0)
 
 
-def test_promotion_decision_drops_crashes_and_needs_the_retention_set_kept():
+def test_promotion_decision_drops_crashes_and_needs_the_retention_set_kept(tmp_path):
     from dpo_driver.report import promotion_decision
 
     eps = make_episodes(BETTER, seeds=range(40), extra_columns=False).assign(env_error=False)
@@ -196,3 +196,12 @@ def test_promotion_decision_drops_crashes_and_needs_the_retention_set_kept():
     assert "**not kept**" in lost.report.markdown and "(was promote)" in lost.report.markdown
     kept = promotion_decision(eps, held.assign(success=held["seed"] < 8), "sft", "miniwob", n_boot=2000)
     assert kept.report.decision == "promote" and kept.kept.passed and kept.report.summary["retention"]["passed"]
+    from dpo_driver.io import read_jsonl
+    from dpo_driver.report import write_evaluation
+
+    written = write_evaluation(tmp_path, lost, held.to_dict("records"))
+    assert sorted(p.name for p in written) == sorted(p.name for p in tmp_path.iterdir()) == [
+        "episodes.jsonl", "report.json", "report.md", "retention_episodes.jsonl", "success_by_task.png"]
+    assert json.loads((tmp_path / "report.json").read_text())["decision"] == "keep previous"
+    assert len(read_jsonl(tmp_path / "episodes.jsonl")) == len(lost.episodes)
+    assert [p.name for p in write_evaluation(tmp_path / "alone", alone, [])].count("retention_episodes.jsonl") == 0
