@@ -152,13 +152,17 @@ def run(args) -> dict:
             sft_rounds = train_until_ready(train_round, check, sft_params.until_expert_match, sft_params.max_rounds, on_round=report_round)
         sft = sft_rounds[-1].result
     with clock.stage("sft_validation"):
-        # The DAG's blocking SFT gate; here it is reported, not enforced.
-        val = sft_rounds[-1].validation or check(sft.adapter_dir)
-        passed, message = val.verdict(gate_cfg.min_valid_fraction, gate_cfg.min_expert_match)
-        sft_validation = {"passed": passed, "message": message, "valid_fraction": round(val.valid_fraction, 4),
-                          "expert_match": round(val.expert_match, 4), "states": val.num_states, "rounds": len(sft_rounds),
-                          "round_expert_match": [round(rd.validation.expert_match, 4) for rd in sft_rounds if rd.validation]}
-        print(message, flush=True)
+        # The DAG's blocking SFT gate; here it is reported, not enforced. A reused SFT stage was
+        # measured by the run that trained it; it is not measured again here.
+        val = sft_rounds[-1].validation or (None if args.sft_adapter else check(sft.adapter_dir))
+        if val is None:
+            sft_validation = {"passed": None, "message": "not re-measured: the SFT stage is reused (--sft-adapter)"}
+        else:
+            passed, message = val.verdict(gate_cfg.min_valid_fraction, gate_cfg.min_expert_match)
+            sft_validation = {"passed": passed, "message": message, "valid_fraction": round(val.valid_fraction, 4),
+                              "expert_match": round(val.expert_match, 4), "states": val.num_states, "rounds": len(sft_rounds),
+                              "round_expert_match": [round(rd.validation.expert_match, 4) for rd in sft_rounds if rd.validation]}
+            print(message, flush=True)
 
     current, current_name = sft.adapter_dir, "sft"
     # The control gets DPO's budget: the same steps (or epochs) on the same chosen side.
@@ -371,7 +375,7 @@ def print_table(res: dict) -> None:
               f"vs previous {r['vs_previous_points']:+.1f} {r['ci_points']} -> {r['decision']}")
         if "rft_mean_success" in r:
             print(f"         RFT control {r['rft_mean_success']:.1%}; DPO - RFT {r['dpo_minus_rft_points']:+.1f} {r['dpo_minus_rft_ci_points']}")
-    if "sft_validation" in res:
+    if res.get("sft_validation", {}).get("passed") is not None:
         v = res["sft_validation"]
         print(f"SFT gate: {'pass' if v['passed'] else 'FAIL'} ({v['valid_fraction']:.0%} valid, {v['expert_match']:.0%} expert match, {v['states']} states)")
     if res.get("eto", {}).get("mean") is not None:
