@@ -31,7 +31,7 @@ from dpo_assets.checks import DPOGateConfig, SFTGateConfig
 from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, RolloutConfig, SFTAdapterConfig
 from dpo_assets.presets import preset
 from dpo_driver.demos import generate_demos
-from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, preference_accuracy, split_pairs
+from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, preference_accuracy, train_and_validation_pairs
 from dpo_driver.eto import build_eto_pairs, expert_paths
 from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.model import bf16_is_native, resolve_model
@@ -44,6 +44,7 @@ from dpo_driver.environment import load_environment
 from dpo_driver.tasks import SeedPlan
 from dpo_driver.tracking import package_versions
 from dpo_driver.training import DPOParams, SFTParams, TrainResult, init_adapter, load_policy, train_dpo, train_kto, train_sft
+from resources import TaskSuite
 from dpo_driver.validation import Round, round_message, train_until_ready, validate_policy, validation_seeds
 
 
@@ -110,7 +111,7 @@ def run(args) -> dict:
     env = load_environment(args.env)
     tasks = env.suite(args.tasks.split(",") if args.tasks else (suite.get("tasks") if args.env == "miniwob" else None))
     plan = SeedPlan.build(args.demo_seeds or suite["demo_seeds"], suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"],
-                           eval_offset=args.eval_offset)
+                           eval_offset=args.eval_offset, n_pair_validation=TaskSuite(**suite).pair_validation_seeds)
     # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
     sft_stage = SFTAdapterConfig(**ops["sft_adapter"])
     sft_cfg = {**asdict(sft_stage.sft_params()), "seed": args.seed}
@@ -189,15 +190,20 @@ def run(args) -> dict:
         episodes = _act(clock, f"rollouts_r{r}:{current_name}", LMPolicy(m, tok, env), env, tasks, list(plan.rollout),
                         roll_cfg["samples_per_seed"], _sampling(roll_cfg, False, env), max_steps)
         atomic_write_jsonl(work / f"rollouts_r{r}.jsonl", episodes)  # kept for diffing reruns and offline probes
-        pairs = build_preference_pairs(episodes, pair_params, weights, parse=env.parse)
-        stats = pair_yield(episodes, pairs)
+        held_eps = []
+        if plan.pair_validation:  # as rollout_trajectories does: the validation seeds after the training ones
+            held_eps = _act(clock, f"rollouts_val_r{r}:{current_name}", LMPolicy(m, tok, env), env, tasks, list(plan.pair_validation),
+                            roll_cfg["samples_per_seed"], _sampling(roll_cfg, False, env), max_steps)
+        # As preference_pairs does: training pairs from the training seeds, held-out ones apart.
+        train_pairs, held_out = train_and_validation_pairs(
+            episodes + [{**e, "split": "validation"} for e in held_eps],
+            lambda eps: build_preference_pairs(eps, pair_params, weights, parse=env.parse), pair_cfg.validation_fraction)
+        stats = pair_yield(episodes, train_pairs)
         if first_pairs is None:
-            first_pairs, first_episodes = pairs, episodes
-        if pairs.empty:
+            first_pairs, first_episodes = train_pairs, episodes
+        if train_pairs.empty:
             rounds.append({"round": r, **stats, "decision": "no pairs"})
             break
-        # As preference_pairs does: whole prompts held out per task for the preference-accuracy gate.
-        train_pairs, held_out = split_pairs(pairs, pair_cfg.validation_fraction)
         with clock.stage(f"dpo_r{r}"):
             dpo = train_dpo(base, current, to_dpo_records(train_pairs), work / f"dpo_r{r}", DPOParams(**dpo_cfg))
         with clock.stage(f"dpo_gates_r{r}"):  # the DAG's blocking dpo_adapter checks; reported here, not enforced
@@ -292,7 +298,8 @@ def run(args) -> dict:
            "generation": clock.tokens, "packages": package_versions(), "python": platform.python_version(),
            "precision": "bfloat16" if bf16_is_native() else "float32", "cpu_threads": torch.get_num_threads(),
            "seeds": {"demo": [plan.demo[0], plan.demo[-1]], "rollout": [plan.rollout[0], plan.rollout[-1]],
-                     "eval": [plan.eval[0], plan.eval[-1]]}}
+                     "eval": [plan.eval[0], plan.eval[-1]],
+                     "pair_validation": [plan.pair_validation[0], plan.pair_validation[-1]] if plan.pair_validation else []}}
     for t in tasks:
         row = {p: round(report.table.loc[t, f"{p}_rate"], 4) for p in ("sft", "dpo", "rft", "random") if f"{p}_rate" in report.table}
         row["n"] = int(report.table.loc[t, "sft_n"])

@@ -65,8 +65,10 @@ class PairsConfig(dg.Config):
     rejected_must_parse: bool = Field(default(PairParams, "rejected_must_parse"), description="only well-formed (but wrong) actions may be rejected")
     shortest_chosen: bool = Field(default(PairParams, "shortest_chosen"), description="chosen must be a success with the fewest steps left from the divergence "
                                   "state (a success that wasted steps where a shorter one exists is never chosen)")
-    validation_fraction: float = Field(0.1, description="share of each task's pairs held out of DPO training (whole prompts, "
-                                       "stratified by task; dpo_driver.dpo_gates.split_pairs) for the preference-accuracy gate")
+    validation_fraction: float = Field(0.0, description="share of each task's training pairs also held out of DPO (whole prompts, "
+                                       "stratified by task; dpo_driver.dpo_gates.split_pairs) for the preference-accuracy gate. "
+                                       "Rolled-out pairs need none: task_suite.pair_validation_seeds gives held-out pairs at no cost to "
+                                       "training; logged traces have no such seeds and need this")
     success_weight: float = Field(default(ScoreWeights, "success"), description="episode score: weight of task success")
     reward_weight: float | None = Field(None, description="episode score: weight of the family's graded reward; unset = the family's "
                                         "own (Environment.reward_weight: 0 for MiniWoB, whose reward decays with wall-clock time, "

@@ -35,13 +35,12 @@ def evaluation_report(
     registered in MLflow; the `champion` alias moves only on "promote".
     """
     env = environment.get()
-    tasks = task_suite.task_list(env)
-    plan = task_suite.plan()  # asserts eval seeds are disjoint from demo and rollout seeds
+    tasks, plan = task_suite.task_list(env), task_suite.plan()  # plan: asserts eval seeds are disjoint from demo and rollout seeds
     greedy = Sampling(temperature=0.0, max_new_tokens=config.max_new_tokens or env.max_new_tokens, batch_size=config.batch_size)
     arms = evaluation_arms(sft_adapter, dpo_adapter)
-    held_out_tasks = task_suite.retention_list(env)  # capability retention: tasks the round never trained on
+    # Capability retention: the compared arms also play tasks the round never trained on.
     episodes, kept_eps = evaluate_arms(lambda adapter: LMPolicy(*policy_model.load(adapter), env), arms.adapters, env, tasks, list(plan.eval),
-                                       greedy, config.max_steps, held_out_tasks, (arms.baseline, "dpo"),
+                                       greedy, config.max_steps, task_suite.retention_list(env), (arms.baseline, "dpo"),
                                        on_progress=lambda stage: episode_logger(context, stage))
     outcome = promotion_decision(pd.DataFrame(episodes), pd.DataFrame(kept_eps) if kept_eps else None, arms.baseline, env.name,
                                  config.confidence, config.n_boot, config.min_retention)
@@ -60,12 +59,16 @@ def evaluation_report(
     context.log.info(f"evaluation report: {st.out / 'report.md'}\n{report.markdown}")
     value = EvaluationOutput(report_dir=str(st.out), decision=report.decision, environment=env.name, summary=report.summary,
                              eval_seeds=sorted({int(s) for s in frame["seed"]}))
-    return st.result(value, report=dg.MetadataValue.md(report.markdown), decision=report.decision, baseline=arms.baseline,
-                     model_version=str(version.version), champion=report.decision == "promote",
-                     report_dir=dg.MetadataValue.path(str(st.out)),
-                     plot=dg.MetadataValue.md(embed_png_markdown(st.out / "success_by_task.png", "success by task")),
-                     plot_path=dg.MetadataValue.path(str(st.out / "success_by_task.png")), mlflow_traces=traces,
-                     model_card=dg.MetadataValue.path(str(card_path)))
+    return st.result(value, baseline=arms.baseline, model_version=str(version.version), mlflow_traces=traces,
+                     **report_metadata(report, st.out, card_path))
+
+
+def report_metadata(report: EvalReport, out: Path, card_path: Path) -> dict:
+    """What the asset page shows: the report and its plot inline, the decision, links to the files."""
+    return dict(report=dg.MetadataValue.md(report.markdown), decision=report.decision, champion=report.decision == "promote",
+                report_dir=dg.MetadataValue.path(str(out)),
+                plot=dg.MetadataValue.md(embed_png_markdown(out / "success_by_task.png", "success by task")),
+                plot_path=dg.MetadataValue.path(str(out / "success_by_task.png")), model_card=dg.MetadataValue.path(str(card_path)))
 
 
 def register_and_publish(context: dg.AssetExecutionContext, tracker: MLflowTracker, sft_adapter: SFTOutput, dpo_adapter: DPOOutput,

@@ -30,19 +30,21 @@ def rollout_trajectories(
 ) -> dg.MaterializeResult[pd.DataFrame]:
     """K sampled episodes per training seed of the current champion (else the SFT policy) in the environment."""
     env = environment.get()
-    tasks, seeds = task_suite.task_list(env), list(task_suite.plan().rollout)
+    tasks, plan = task_suite.task_list(env), task_suite.plan()
+    seeds = list(plan.rollout)
     acting = acting_adapter(tracker.tracker(), sft_adapter.adapter_dir, policy_model.model,
                             dst=artifact_store.path_for("champion_adapter", context.run_id))
     source = f"logged traces {config.traces_path}" if config.traces_path else f"{len(tasks)} tasks x {len(seeds)} seeds x K={config.samples_per_seed}"
     context.log.info(f"rollouts act with {acting.label} ({acting.adapter_dir}): {source}")
     sampling = Sampling(config.temperature, config.top_k, config.top_p, config.max_new_tokens or env.max_new_tokens, config.batch_size,
                         config.strategy)
-    with stage(context, "rollouts", "rollout_trajectories", {**config.model_dump(), "tasks": tasks, "num_seeds": len(seeds),
+    with stage(context, "rollouts", "rollout_trajectories", {**config.model_dump(), "tasks": tasks, "num_seeds": len(seeds), "pair_validation_seeds": len(plan.pair_validation),
                                                              "sft_run_id": sft_adapter.mlflow_run_id, "acting_policy": acting.label},
                tracker, artifact_store, env.name) as st:
         episodes, metrics = collect_rollouts(lambda: LMPolicy(*policy_model.load(str(acting.adapter_dir)), env), env, tasks, seeds,
                                              config.samples_per_seed, sampling, config.max_steps, acting.role, str(acting.adapter_dir),
-                                             config.traces_path, config.scrub_pii, episode_logger(context, "rollouts"))
+                                             config.traces_path, config.scrub_pii, episode_logger(context, "rollouts"),
+                                             validation_seeds=list(plan.pair_validation))
         with st.files() as tmp:
             atomic_write_jsonl(tmp / "episodes.jsonl", episodes)
         st.run.log_metrics(metrics)

@@ -5,8 +5,9 @@ The reference is the *start adapter* DPO trained from (the SFT LoRA as it was be
 base. One PeftModel holds both: the policy as adapter "default", the reference as "ref", switched
 with `set_adapter` (a reference of None is the bare base: adapters disabled).
 
-- `split_pairs` holds out a validation split of the preference pairs, stratified by task, with no
-  prompt on both sides, so the accuracy gate measures pairs DPO never saw.
+- `train_and_validation_pairs`: the held-out pairs come from rollout seeds kept for validation
+  (no training pair is given up); `split_pairs` holds out a share of the pairs instead, stratified
+  by task, with no prompt on both sides, for sources without such seeds (logged traces).
 - `preference_accuracy`: the fraction of held-out pairs whose implicit reward margin is positive,
   TRL's `rewards/accuracies`; `PreferenceAccuracy.verdict(min_accuracy)`.
 - `kl_to_reference`: per-token KL(policy || reference) on held-out prompts; `KLResult.verdict(max_kl)`.
@@ -21,6 +22,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -81,6 +83,28 @@ def split_pairs(pairs: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[pd
     shared = set(pairs.loc[is_val, "prompt"]) & set(pairs.loc[~is_val, "prompt"])  # a prompt under two tasks
     is_val &= ~pairs["prompt"].isin(shared)
     return pairs[~is_val].reset_index(drop=True), pairs[is_val].reset_index(drop=True)
+
+
+def train_and_validation_pairs(episodes: list[dict], build: Callable[[list[dict]], pd.DataFrame], fraction: float = 0.0,
+                               seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, validation) pairs of a rollout stage's episodes; `build` makes pairs from episodes
+    (`pairs.build_preference_pairs` with the stage's params).
+
+    Validation pairs come from the episodes rolled out on the plan's pair-validation seeds (`split`
+    "validation"; `rollouts.collect_rollouts`), built apart from the training episodes, so the
+    training pairs are exactly those a run without validation seeds makes: a small task gives up
+    none of its pairs. A validation pair whose prompt also occurs among the training pairs (pages
+    that recur word for word) is dropped, so every held-out prompt is unseen. Sources with no
+    validation seeds (logged traces) hold out `fraction` of the training pairs instead (`split_pairs`).
+    """
+    held_eps = [e for e in episodes if e.get("split") == "validation"]
+    train = build([e for e in episodes if e.get("split") != "validation"])
+    held = build(held_eps) if held_eps else train.iloc[:0]
+    held = held[~held["prompt"].isin(set(train["prompt"]))]
+    if fraction > 0:
+        train, by_fraction = split_pairs(train, fraction, seed)
+        held = pd.concat([held, by_fraction], ignore_index=True)
+    return train.reset_index(drop=True), held.reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -274,21 +274,31 @@ def evaluate_arms(load_policy: Callable[[str], Any], adapters: dict[str, str], e
 
 def collect_rollouts(load_policy: Callable[[], Any], env: Environment, tasks: list[str], seeds: list[int], samples_per_seed: int,
                      sampling: Sampling, max_steps: int | None, policy_name: str, adapter_dir: str, traces_path: str = "",
-                     scrub_pii: bool = True, on_progress: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
+                     scrub_pii: bool = True, on_progress: Callable[[dict], None] | None = None,
+                     validation_seeds: list[int] = ()) -> tuple[list[dict], dict]:
     """The rollout stage: (episodes, metrics). The episodes are a team's logged traces when
     `traces_path` is given (checked line by line; no model is loaded), else K samples per seed of
     `load_policy()`; PII is scrubbed before they are stored as training data, and each names the
-    adapter that acted (DPO continues from, and refers to, that policy)."""
+    adapter that acted (DPO continues from, and refers to, that policy).
+
+    `validation_seeds` are played the same way *after* the training seeds (so the training
+    episodes are exactly those of a run without them) and marked `split` "validation": their pairs
+    are held out of DPO (`dpo_gates.train_and_validation_pairs`). Logged traces are all "train".
+    """
     from dpo_driver.pii import counts_metadata, scrub_records
     from dpo_driver.traces import load_trace_jsonl
 
     stats = None
     if traces_path:
-        episodes = load_trace_jsonl(Path(traces_path), parse=env.parse)
+        episodes = [{**e, "split": "train"} for e in load_trace_jsonl(Path(traces_path), parse=env.parse)]
     else:
         policy = load_policy()
-        episodes = run_episodes(policy, env, tasks, seeds, samples_per_seed, sampling, max_steps, policy_name=policy_name,
-                                on_progress=on_progress)
+        episodes = []
+        for split, split_seeds in (("train", list(seeds)), ("validation", list(validation_seeds))):
+            if split_seeds:
+                played = run_episodes(policy, env, tasks, split_seeds, samples_per_seed, sampling, max_steps, policy_name=policy_name,
+                                      on_progress=on_progress)
+                episodes += [{**e, "split": split} for e in played]
         stats = policy.stats
     pii = {}
     if scrub_pii:
@@ -297,8 +307,8 @@ def collect_rollouts(load_policy: Callable[[], Any], env: Environment, tasks: li
     for ep in episodes:
         ep["adapter_dir"] = adapter_dir
     ok = [e for e in episodes if not e["env_error"]]
-    metrics = {"episodes": len(episodes), "env_errors": len(episodes) - len(ok),
-               "success_rate": sum(bool(e["success"]) for e in ok) / len(ok) if ok else float("nan"), **pii}
+    metrics = {"episodes": len(episodes), "validation_episodes": sum(e["split"] == "validation" for e in episodes),
+               "env_errors": len(episodes) - len(ok), "success_rate": sum(bool(e["success"]) for e in ok) / len(ok) if ok else float("nan"), **pii}
     if stats is not None:
         metrics.update(gen_seconds=stats.seconds, gen_new_tokens=stats.new_tokens, gen_tokens_per_second=stats.tokens_per_second)
     return episodes, metrics

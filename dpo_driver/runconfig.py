@@ -21,7 +21,7 @@ TINY = {
     "resources": {
         "policy_model": {"config": {"model": "tiny-random"}},
         "task_suite": {"config": {"tasks": ["click-tab", "enter-text"], "demo_seeds": 6, "rollout_seeds": 4, "eval_seeds": 4,
-                                  "validation_seeds": 2}},
+                                  "validation_seeds": 2, "pair_validation_seeds": 1}},
     },
     "ops": {
         # A test preset on fixed data: epoch budgets (max_steps 0) keep its runs as short as they were;
@@ -65,12 +65,11 @@ DEFAULT = {
         # 97% from SFT's 50% (benchmarks/results/learning_default_seed0_rounds2.json). With 8 seeds
         # (52 pairs) enter-text was not learned.
         "rollout_trajectories": {"config": {"samples_per_seed": 8, "temperature": 1.0, "top_k": 20, "strategy": "verbs"}},
-        # All pairs train: holding out 10% of these 91 (whole prompts, by task) took enough of the
-        # ~14 enter-text pairs that enter-text fell from 100% to 0% and DPO from 90% to 67%
-        # (benchmarks/results/learning_default_split_gates.json). So this preset has no held-out
-        # split, and its preference-accuracy gate has nothing to measure (threshold 0 below); the
-        # production default (PairsConfig.validation_fraction 0.1, threshold 0.7) keeps both.
-        "preference_pairs": {"config": {"min_margin": 0.5, "validation_fraction": 0.0}},
+        # All training pairs train: holding out 10% of these 91 (whole prompts, by task) took enough
+        # of the ~14 enter-text pairs that enter-text fell from 100% to 0% and DPO from 90% to 67%
+        # (benchmarks/results/learning_default_split_gates.json). The held-out pairs come from the
+        # suite's pair_validation_seeds instead (TaskSuite's default 5 per task), rolled out apart.
+        "preference_pairs": {"config": {"min_margin": 0.5}},
         # DPO + an SFT term on chosen: plain sigmoid DPO pushed probability mass off the answer
         # format in probes here (chosen rewards drifted negative); lr as in those probes. Probes on
         # one set of 91 round-1 pairs, two training seeds, 50 held-out seeds per task:

@@ -17,10 +17,7 @@ from typing import Any
 
 from dpo_driver.environment import Parsed
 from dpo_driver.policy import Sampling
-from dpo_driver.tasks import BAND, seeds_for
-
-# Validation seeds start half-way into the demo band: demo plans use [0, n) with n far below this.
-VALIDATION_OFFSET = BAND // 2
+from dpo_driver.tasks import VALIDATION_OFFSET, seeds_for
 
 
 def validation_seeds(count: int, demo_seeds: tuple[int, ...] | list[int] = ()) -> list[int]:
@@ -88,6 +85,13 @@ def validate_policy(policy, records: list[dict], parse: Callable[[str], Parsed],
 class Round:
     result: Any  # what the round's trainer returned
     validation: ValidationResult | None  # None: no further round was possible, so it was not measured
+
+
+def log_rounds(run, rounds: list[Round]) -> None:
+    """Each measured round's expert match and valid share to an MLflow run, by round (its step)."""
+    for r, rd in enumerate(rounds):
+        if rd.validation:
+            run.log_metrics({"round_expert_match": rd.validation.expert_match, "round_valid_fraction": rd.validation.valid_fraction}, step=r)
 
 
 def round_message(rd: Round, until_expert_match: float) -> str:

@@ -12,6 +12,9 @@ class TaskSuite(dg.ConfigurableResource):
     rollout_seeds: int = 50  # training seeds per task the policy acts on
     eval_seeds: int = 50  # held-out seeds per task for evaluation
     validation_seeds: int = 10  # expert episodes per task on a validation slice of the demo band: the SFT gate's states
+    # Rollout seeds per task on a validation slice of the rollout band: their pairs are held out of DPO
+    # (the preference-accuracy gate's), so holding pairs out costs the training set nothing.
+    pair_validation_seeds: int = 5
     # Tasks of the family this round does not train on; evaluation checks DPO keeps the baseline's success there.
     retention_tasks: list[str] = []
 
@@ -28,4 +31,4 @@ class TaskSuite(dg.ConfigurableResource):
         return env.suite(self.tasks)
 
     def plan(self) -> SeedPlan:
-        return SeedPlan.build(self.demo_seeds, self.rollout_seeds, self.eval_seeds)
+        return SeedPlan.build(self.demo_seeds, self.rollout_seeds, self.eval_seeds, n_pair_validation=self.pair_validation_seeds)

@@ -134,3 +134,30 @@ def test_kto_desirable_steps_are_those_of_shortest_successes():
     assert labels == {("P0", 'click button "ok"'): True, ("P1", 'click button "ok"'): True, ("P0", 'click button "no"'): False}
     assert ("P0", 'type textbox "ok"') in {(r["prompt"][0]["content"], r["completion"][0]["content"])
                                            for r in to_kto_records([direct, detour, wrong], parse=PARSE, shortest_only=False)}
+
+
+def test_validation_seeds_give_held_out_pairs_without_taking_training_pairs():
+    from dpo_driver.dpo_gates import train_and_validation_pairs
+    from dpo_driver.tasks import VALIDATION_OFFSET
+
+    def seed_pair(seed, prompt, split):
+        return [{**ep(0, True, ['click button "a"'], prompts=[prompt], seed=seed), "split": split},
+                {**ep(1, False, ['click button "b"'], prompts=[prompt], seed=seed), "split": split}]
+
+    train_eps = [e for k in range(3) for e in seed_pair(BAND + k, f"train page {k}", "train")]
+    val_eps = seed_pair(BAND + VALIDATION_OFFSET, "fresh page", "validation")
+    val_eps += seed_pair(BAND + VALIDATION_OFFSET + 1, "train page 0", "validation")  # a page that recurs word for word
+
+    def build(eps):
+        return build_preference_pairs(eps, PairParams(), W, parse=PARSE)
+
+    train, held = train_and_validation_pairs(train_eps + val_eps, build)
+    # Exactly the pairs a run without validation seeds trains on: a small task gives up none.
+    pd.testing.assert_frame_equal(train, build(train_eps))
+    assert held.prompt.tolist() == ["fresh page"]  # the recurring page is dropped: every held-out prompt is unseen
+    assert (held.seed >= BAND + VALIDATION_OFFSET).all()
+    # Logged traces have no validation seeds: a share of the training pairs is held out instead.
+    train, held = train_and_validation_pairs(train_eps, build, fraction=0.34)
+    assert len(train) == 2 and len(held) == 1 and set(train.prompt).isdisjoint(held.prompt)
+    train, held = train_and_validation_pairs(train_eps, build)
+    assert len(train) == 3 and held.empty and list(held.columns) == PAIR_COLUMNS

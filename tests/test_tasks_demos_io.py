@@ -28,6 +28,16 @@ def test_seed_plan_rejects_overlap():
         SeedPlan(demo=(1, 2), rollout=(BAND,), eval=(2,))
 
 
+def test_pair_validation_seeds_are_a_disjoint_slice_of_the_rollout_band():
+    plan = SeedPlan.build(5, 20, 50, n_pair_validation=5)
+    assert {split_of(s) for s in plan.pair_validation} == {"rollout"} and len(plan.pair_validation) == 5
+    assert set(plan.pair_validation).isdisjoint(plan.rollout) and plan.rollout == SeedPlan.build(5, 20, 50).rollout
+    with pytest.raises(ValueError, match="reach the validation slice"):
+        SeedPlan.build(5, BAND // 2 + 1, 5, n_pair_validation=1)
+    with pytest.raises(AssertionError, match="pair-validation seeds overlap"):
+        SeedPlan(demo=(1,), rollout=(BAND,), eval=(2 * BAND,), pair_validation=(BAND,))
+
+
 def test_a_split_cannot_grow_into_the_next_band():
     with pytest.raises(ValueError, match="must fit"):
         seeds_for("rollout", count=10, offset=BAND - 5)
