@@ -94,7 +94,8 @@ DEFAULT = {
         # ~10 tokens, so changing one decision moves a couple of tokens by several nats. The seed's
         # 0.1 would block the README run; 0.25 is set from those measurements (a guardrail against
         # runaway drift, not a tuned value). The production default (DPOGateConfig) stays 0.1.
-        "dpo_adapter_gates": {"config": {"max_kl": 0.25, "min_preference_accuracy": 0.0}},
+        # Preference accuracy keeps the production threshold (0.7) on the pair-validation seeds' pairs.
+        "dpo_adapter_gates": {"config": {"max_kl": 0.25}},
     },
 }
 

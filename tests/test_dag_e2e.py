@@ -15,7 +15,7 @@ from dpo_assets.definitions import ASSETS
 from dpo_assets.presets import preset
 from dpo_assets.schedules import improvement_run_config
 from dpo_driver.actions import parse_action
-from dpo_driver.tasks import split_of
+from dpo_driver.tasks import BAND, VALIDATION_OFFSET, split_of
 from dpo_driver.registry import MODEL_NAME, promote
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher, EnvironmentResource
 from resources.home import init_home
@@ -61,7 +61,10 @@ def test_trajectories_record_every_step(run):
     cfg = preset("tiny")
     suite = cfg["resources"]["task_suite"]["config"]
     k = cfg["ops"]["rollout_trajectories"]["config"]["samples_per_seed"]
-    assert len(eps) == len(suite["tasks"]) * suite["rollout_seeds"] * k
+    # The training seeds, then the pair-validation seeds (their pairs held out of DPO), K samples each.
+    assert eps["split"].value_counts().to_dict() == {"train": len(suite["tasks"]) * suite["rollout_seeds"] * k,
+                                                     "validation": len(suite["tasks"]) * suite["pair_validation_seeds"] * k}
+    assert (eps[eps["split"] == "validation"]["seed"] >= BAND + VALIDATION_OFFSET).all()
     assert set(eps["task"]) == set(suite["tasks"])
     assert {split_of(s) for s in eps["seed"]} == {"rollout"}
     for ep in eps.to_dict("records"):
@@ -82,7 +85,11 @@ def test_pairs_are_well_formed_and_load_with_datasets(run):
     assert not pairs.duplicated(["prompt", "chosen", "rejected"]).any()
     path = home / "artifacts" / "preference_pairs" / result.run_id / "pairs.jsonl"
     ds = load_dataset("json", data_files=str(path), split="train")
-    assert len(ds) == len(pairs) and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+    train, held = pairs[pairs["split"] == "train"], pairs[pairs["split"] == "validation"]
+    assert len(ds) == len(train) and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+    # Held-out pairs: from the pair-validation seeds only, on prompts DPO never trains on.
+    assert (held["seed"] >= BAND + VALIDATION_OFFSET).all() and (train["seed"] < BAND + VALIDATION_OFFSET).all()
+    assert set(held["prompt"]).isdisjoint(train["prompt"])
 
 
 def test_adapters_load_with_peft(run):
