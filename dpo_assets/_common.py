@@ -13,6 +13,7 @@ import dagster as dg
 
 from dpo_driver.io import atomic_dir
 from dpo_driver.tracking import StageRun
+from dpo_driver.training import scratch_dir_for
 from resources import ArtifactStore, MLflowTracker
 
 
@@ -44,6 +45,15 @@ def stage(context: dg.AssetExecutionContext, name: str, asset: str, params: dict
     env = {"environment": environment} if environment else {}
     with tracker.tracker().stage_run(name, {**params, **env}, tags={"dagster_run_id": context.run_id, **env, **(tags or {})}) as run:
         yield Stage(run, artifact_store.path_for(asset, context.run_id), environment)
+
+
+def checkpoint_dir(context: dg.OpExecutionContext, artifact_store: ArtifactStore, asset: str) -> str:
+    """Where a training stage keeps its resumable checkpoints: keyed by the *root* run, so a
+    step retry, a run retry and a re-execution (all share the root) resume from the last complete
+    checkpoint. `training._train_in_scratch` resumes only when the job's fingerprint (data and
+    params) is the same, and drops the folder on success."""
+    root = context.dagster_run.root_run_id or context.run_id
+    return str(scratch_dir_for(artifact_store.path_for(asset, root)))
 
 
 def numeric(metrics: dict) -> dict[str, float]:

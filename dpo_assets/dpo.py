@@ -4,12 +4,12 @@ import dagster as dg
 import pandas as pd
 
 from dpo_assets.configs import DPOAdapterConfig
-from dpo_assets._common import numeric, stage
+from dpo_assets._common import checkpoint_dir, numeric, stage
 from dpo_driver.io import atomic_write_jsonl
 from dpo_driver.pairs import to_dpo_records
 from dpo_driver.stages import DPOOutput, SFTOutput
 from dpo_driver.train import JobSpec
-from dpo_driver.training import DPOParams, scratch_dir_for
+from dpo_driver.training import DPOParams
 from resources import ArtifactStore, MLflowTracker, PolicyModel, TrainingLauncher
 
 
@@ -42,7 +42,7 @@ def dpo_adapter(
             atomic_write_jsonl(tmp / "pairs.jsonl", records)
             atomic_write_jsonl(tmp / "validation_pairs.jsonl", held_out)  # never trained on: the preference-accuracy gate's pairs
             spec = JobSpec("dpo", sft_adapter.base_model, "pairs.jsonl", "adapter", params=asdict(params), sft_adapter_dir=start,
-                           scratch_dir=str(scratch_dir_for(st.out)))
+                           scratch_dir=checkpoint_dir(context, artifact_store, "dpo_adapter"))
             result = trainer.train(context, spec.write(tmp / "dpo_job.json"))
         st.run.log_metrics(result["metrics"])
         st.run.log_artifacts(st.out / "adapter", "adapter")

@@ -2,13 +2,12 @@ from dataclasses import asdict
 
 import dagster as dg
 
-from dpo_assets._common import numeric, stage
+from dpo_assets._common import checkpoint_dir, numeric, stage
 from dpo_assets.configs import SFTAdapterConfig
 from dpo_driver.demos import training_demos
 from dpo_driver.io import atomic_write_jsonl
 from dpo_driver.stages import SFTOutput
 from dpo_driver.train import JobSpec
-from dpo_driver.training import scratch_dir_for
 from dpo_driver.policy import LMPolicy
 from dpo_driver.validation import log_rounds, round_message, sft_rounds_in, validate_policy, validation_seeds
 from resources import ArtifactStore, EnvironmentResource, MLflowTracker, PolicyModel, TaskSuite, TrainingLauncher
@@ -42,7 +41,8 @@ def sft_adapter(
         with st.files() as tmp:
             atomic_write_jsonl(tmp / "demos.jsonl", data.demos)
             atomic_write_jsonl(tmp / "validation.jsonl", data.validation)
-            spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params), scratch_dir=str(scratch_dir_for(st.out)))
+            spec = JobSpec("sft", base, "demos.jsonl", "adapter", params=asdict(params),
+                           scratch_dir=checkpoint_dir(context, artifact_store, "sft_adapter"))
             rounds = sft_rounds_in(tmp, spec, lambda path: trainer.train(context, path), check, params.until_expert_match,
                                    params.max_rounds, on_round=lambda rd: context.log.info(round_message(rd, params.until_expert_match)))
         log_rounds(st.run, rounds)
