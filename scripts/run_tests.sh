@@ -6,4 +6,5 @@ source scripts/setup.sh
 # A Docker engine + base image for the docker-marked tests; without one they skip, CI stays green.
 bash scripts/docker_engine.sh || echo "docker engine unavailable; docker tests will skip"
 .venv/bin/ruff check --no-cache .
-.venv/bin/python -m pytest -q -ra "$@"
+# --durations: the slowest tests are listed at the end of every run, so CI time can be tracked test by test.
+.venv/bin/python -m pytest -q -ra --durations=25 "$@"
