@@ -98,8 +98,9 @@ def round_message(rd: Round, until_expert_match: float) -> str:
     """The run-log line of one SFT round ("" when the round was not measured)."""
     if rd.validation is None:
         return ""
+    met = rd.validation.expert_match >= until_expert_match
     return (f"SFT round: {rd.validation.expert_match:.1%} expert match on {rd.validation.num_states} held-out states "
-            f"(another round below {until_expert_match:.0%})")
+            f"({'reached' if met else 'below'} {until_expert_match:.0%}: {'done' if met else 'another round, if max_rounds allows'})")
 
 
 def train_until_ready(train_round: Callable[[int, Path | None], tuple[Path, Any]], check: Callable[[Path], ValidationResult],

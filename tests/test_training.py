@@ -259,7 +259,7 @@ def test_init_adapter_is_the_base_model_and_dpo_can_start_from_it(tmp_path):
 
 
 def test_train_until_ready_stops_at_the_criterion_or_the_cap(tmp_path):
-    from dpo_driver.validation import ValidationResult, train_until_ready
+    from dpo_driver.validation import ValidationResult, round_message, train_until_ready
 
     def scripted(matches):
         calls = []
@@ -277,6 +277,8 @@ def test_train_until_ready_stops_at_the_criterion_or_the_cap(tmp_path):
     rounds = train_until_ready(train_round, check, 0.5, 4)
     assert [r.validation.expert_match for r in rounds] == [0.3, 0.6]  # met after round 1: no third round
     assert calls == [(0, None), (1, tmp_path / "a0")]  # round 1 continued round 0's adapter
+    assert "below 50%: another round" in round_message(rounds[0], 0.5)  # the log line says what happens next
+    assert "reached 50%: done" in round_message(rounds[1], 0.5)
     calls, train_round, check = scripted([0.1, 0.1, 0.1])
     rounds = train_until_ready(train_round, check, 0.5, 3)
     assert len(rounds) == 3 and rounds[-1].validation is None  # the cap: the last round is not measured (nothing follows it)
