@@ -36,6 +36,10 @@ class ValidationResult:
     per_task: dict[str, dict[str, float]]
     examples: list[dict]  # a few mismatches, for the check's metadata
 
+    def reaches(self, until_expert_match: float) -> bool:
+        """The SFT rounds' stopping criterion (train_until_ready, round_message): one definition."""
+        return self.expert_match >= until_expert_match
+
     def verdict(self, min_valid_fraction: float, min_expert_match: float) -> tuple[bool, str]:
         """(passed, message). The message names the failed value, its threshold and what to do."""
         if self.num_states == 0:
@@ -98,7 +102,7 @@ def round_message(rd: Round, until_expert_match: float) -> str:
     """The run-log line of one SFT round ("" when the round was not measured)."""
     if rd.validation is None:
         return ""
-    met = rd.validation.expert_match >= until_expert_match
+    met = rd.validation.reaches(until_expert_match)
     return (f"SFT round: {rd.validation.expert_match:.1%} expert match on {rd.validation.num_states} held-out states "
             f"({'reached' if met else 'below'} {until_expert_match:.0%}: {'done' if met else 'another round, if max_rounds allows'})")
 
@@ -124,7 +128,7 @@ def train_until_ready(train_round: Callable[[int, Path | None], tuple[Path, Any]
         rounds.append(Round(result, None if last else check(Path(adapter))))
         if on_round:
             on_round(rounds[-1])
-        if last or rounds[-1].validation.expert_match >= until_expert_match:
+        if last or rounds[-1].validation.reaches(until_expert_match):
             break
     return rounds
 
