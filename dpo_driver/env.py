@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dpo_driver.actions import Action, resolve_target
@@ -12,7 +13,7 @@ from dpo_driver.environment import EnvCrashed
 from dpo_driver.observation import Observation, parse_observation
 
 __all__ = ["BrowserMissing", "EnvCrashed", "StepResult", "WebEnv", "find_browser"]
-from dpo_driver.procs import browser_pids, browser_tree, kill_tree
+from dpo_driver.procs import browser_dirs, browser_pids, browser_tree, kill_tree, remove_dirs
 
 # A closed <select> hides its options from MiniWoB's DOM dump (they have no layout box): read
 # them, as (text, selected) pairs per select ref, so the policy can see what it may choose.
@@ -99,6 +100,7 @@ class WebEnv:
         self.ordinals = ordinals  # `#k` after an ambiguous kind + text (observation.parse_observation)
         self._env = None
         self._pids: list[int] = []  # chromedriver + Chromium, killed with their descendants on close/crash
+        self._dirs: list[Path] = []  # their temporary directories, removed once they are dead
         self.raw: dict[str, Any] | None = None
         self.observation: Observation | None = None
 
@@ -114,6 +116,7 @@ class WebEnv:
             if self._env is None:
                 self._env = self._make()
                 self._pids = browser_pids(self._driver())  # while the driver lives: it may not later
+                self._dirs = browser_dirs(self._pids)
                 # The policy reads the DOM, never pixels: no screenshot per observation (reset ~70 -> 30 ms, step ~31 -> 17 ms).
                 self._env.unwrapped.set_record_screenshots(False)
             raw, _ = self._env.reset(seed=seed)
@@ -180,6 +183,8 @@ class WebEnv:
             except Exception:  # a dead driver cannot close its browser: the process kill below does
                 pass
         kill_tree(pids, also=tree)  # whatever quit() left behind, e.g. Chromium orphaned by a killed chromedriver
+        dirs, self._dirs = self._dirs, []
+        remove_dirs(dirs)
 
     def close(self):
         self._discard()

@@ -4,11 +4,23 @@ Chromium is a child of chromedriver. When chromedriver dies, Selenium's `quit()`
 talk to and Chromium lives on as an orphan (parent PID 1) with its renderers, about 1 GB
 resident; a long rollout with occasional driver crashes would grow without bound. The PIDs are
 recorded while the driver is alive, and the whole tree below them is killed on close or crash.
+Killed that way, neither leaves its temporary directories behind it cleans up on a normal exit
+(chromedriver's profile, Chromium's singleton socket directory): `browser_dirs` records them too.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
 import psutil
+
+# What chromedriver (profile) and Chromium (process-singleton socket) name their temporary
+# directories; only directories named so, directly in the temp folder, are ever removed.
+_TEMP_DIR = re.compile(r"^\.?org\.chromium\.Chromium\.[\w.]+$")
 
 
 def browser_pids(driver) -> list[int]:
@@ -60,3 +72,36 @@ def _is_browser(p: psutil.Process) -> bool:
     except psutil.NoSuchProcess:
         return False
     return "chrom" in name
+
+
+def browser_dirs(pids: list[int]) -> list[Path]:
+    """The temporary directories the recorded browser uses: its profile (`--user-data-dir`, which
+    chromedriver made) and the directory its profile's SingletonSocket link points into. Read at
+    start, while both exist; a profile the user named (not a temp directory) is never listed."""
+    dirs: list[Path] = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            cmdline = p.cmdline() if _is_browser(p) else []
+        except psutil.Error:
+            continue
+        for arg in cmdline:
+            if arg.startswith("--user-data-dir="):
+                profile = Path(arg.split("=", 1)[1])
+                dirs.append(profile)
+                try:
+                    dirs.append(Path(os.readlink(profile / "SingletonSocket")).parent)
+                except OSError:  # not made yet, or no singleton: nothing more to record
+                    pass
+    return [d for d in dict.fromkeys(dirs) if _is_temp_browser_dir(d)]
+
+
+def remove_dirs(dirs: list[Path]) -> None:
+    """Remove the recorded temporary directories (after the processes using them are dead)."""
+    for d in dirs:
+        if _is_temp_browser_dir(d):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _is_temp_browser_dir(d: Path) -> bool:
+    return d.parent == Path(tempfile.gettempdir()) and bool(_TEMP_DIR.match(d.name))

@@ -61,10 +61,13 @@ def test_a_killed_driver_leaves_no_browser_behind():
     assert chrome and all("chrom" in p.name().lower() for p in chrome)
     tree = chrome + [c for p in chrome for c in p.children(recursive=True)]
     assert len(_alive(tree)) >= 2  # the browser and at least one of its helpers
+    dirs = list(env._dirs)  # chromedriver's temp profile and Chromium's singleton-socket directory
+    assert len(dirs) == 2 and all(d.is_dir() for d in dirs)
     env._driver().service.process.kill()
     with pytest.raises(EnvCrashed):
         env.reset(seeds_for("rollout", 1)[0])
     assert _alive(tree) == []
+    assert not any(d.exists() for d in dirs)  # killed processes clean nothing up themselves
     env.close()
 
 
@@ -75,7 +78,23 @@ def test_close_ends_the_browser_tree():
         env.reset(seeds_for("rollout", 1)[0])
         tree = [psutil.Process(p) for p in env._pids]
         tree += [c for p in tree for c in p.children(recursive=True)]
+        dirs = list(env._dirs)
     assert _alive(tree) == []
+    assert dirs and not any(d.exists() for d in dirs)  # one leaked per browser before (837 in /tmp after a day)
+
+
+def test_only_temporary_browser_directories_are_ever_removed(tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    from dpo_driver.procs import remove_dirs
+
+    mine = tmp_path / "org.chromium.Chromium.abc123"  # the right name, but not in the temp folder
+    mine.mkdir()
+    theirs = Path(tempfile.mkdtemp(prefix="profile-"))  # in the temp folder, not a browser's name
+    remove_dirs([mine, theirs])
+    assert mine.is_dir() and theirs.is_dir()
+    theirs.rmdir()
 
 
 def test_the_episode_clock_does_not_fail_a_slow_policy():
