@@ -93,6 +93,7 @@ class DPOAdapterConfig(dg.Config):
     loss_type: list[str] = Field(default(DPOParams, "loss_type"), description="trl.DPOConfig.loss_type; e.g. ['sigmoid', 'sft'] mixes in an SFT term on chosen")
     loss_weights: list[float] | None = Field(default(DPOParams, "loss_weights"), description="trl.DPOConfig.loss_weights, one per loss_type")
     learning_rate: float = Field(default(DPOParams, "learning_rate"), description="trl.DPOConfig.learning_rate")
+    warmup_steps: int = Field(default(DPOParams, "warmup_steps"), description="trl.DPOConfig.warmup_steps: linear warm-up, in optimizer steps")
     max_steps: int = Field(default(DPOParams, "max_steps"), description="trl.DPOConfig.max_steps: the budget in optimizer steps, the same whatever "
                            "the number of pairs; 0 = num_train_epochs passes with the min_steps floor")
     num_train_epochs: float = Field(default(DPOParams, "num_train_epochs"), description="passes over the pairs, only when max_steps is 0")

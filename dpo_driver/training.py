@@ -56,6 +56,7 @@ class DPOParams:
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])  # TRL losses; several are mixed
     loss_weights: list[float] | None = None  # one weight per loss_type; None = all 1.0
     learning_rate: float = 5e-5  # AdamW peak learning rate (linear decay)
+    warmup_steps: int = 0  # optimizer steps of linear warm-up to the peak rate (Adam's first steps are its largest)
     max_steps: int = 46  # the budget in optimizer steps, whatever the number of pairs; 0 = num_train_epochs passes (see train_steps)
     num_train_epochs: float = 1.0  # passes over the pairs, only when max_steps is 0
     min_steps: int = 30  # optimizer-step floor of the epoch budget (max_steps 0)
@@ -339,6 +340,7 @@ def build_dpo_trainer(
     model, tokenizer = _trainable_start(base_model, sft_adapter_dir, params)
     config = DPOConfig(
         **_trainer_args(params, Path(scratch_dir), len(records)),
+        warmup_steps=params.warmup_steps,
         beta=params.beta,
         loss_type=list(params.loss_type),
         loss_weights=params.loss_weights,
