@@ -62,12 +62,22 @@ def pair_id(prompt: str, chosen: str, rejected: str) -> str:
 
 
 def _divergence(good: dict, bad: dict) -> tuple[int, str, str, str] | None:
-    """(step, prompt, chosen, rejected) at the first differing action from the same prompt."""
-    for a, b in zip(good["steps"], bad["steps"]):
+    """(step, prompt, chosen, rejected) at the first step where the episodes part: from the same
+    prompt, different outputs that lead to different states (or end one episode, not the other).
+
+    Two outputs that lead to the same next state differ only in what the environment ignores (a
+    tool-use thought: "calculate" or "compute" before the same call). That step is not what made
+    one episode succeed; a pair there teaches a wording, picked by a later step's outcome (on tool
+    use such pairs pushed the expert's own phrasing down), so the comparison moves on.
+    """
+    ga, ba = good["steps"], bad["steps"]
+    for i, (a, b) in enumerate(zip(ga, ba)):
         if a["prompt"] != b["prompt"]:
             return None  # states drifted apart without an action difference: no clean pair
         if a["output"].strip() != b["output"].strip():
-            return a["step"], a["prompt"], a["action"] or a["output"], b["output"].strip()
+            same_next = i + 1 < len(ga) and i + 1 < len(ba) and ga[i + 1]["prompt"] == ba[i + 1]["prompt"]
+            if not same_next:
+                return a["step"], a["prompt"], a["action"] or a["output"], b["output"].strip()
     return None
 
 

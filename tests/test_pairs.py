@@ -39,6 +39,28 @@ def test_pair_at_first_divergent_step_of_a_multistep_task():
     assert row.margin == pytest.approx(row.chosen_score - row.rejected_score) and row.margin >= 0.5
 
 
+def test_outputs_that_lead_to_the_same_state_are_not_the_divergence():
+    """Tool use: two thoughts before the same call reach the same next state; the episodes part at
+    the final answer, so the pair is there (not "calculate" over "compute" at step 0)."""
+    from dpo_driver.families.tooluse import ToolUse
+
+    call = '\nAction: {"tool":"calculator","args":{"a":2,"op":"+","b":3}}'
+    answer = 'Thought: I know the answer.\nAction: {"tool":"final_answer","args":{"answer":"%s"}}'
+    good = ep(0, True, ["Thought: I need to calculate 2 + 3." + call, answer % 5], prompts=["Q", "Q+R"], task="calculator")
+    bad = ep(1, False, ["Thought: I need to compute 2 + 3." + call, answer % 6], prompts=["Q", "Q+R"], task="calculator")
+    [row] = build_preference_pairs([good, bad], PairParams(), W, parse=ToolUse().parse).itertuples()
+    assert (row.step, row.prompt, row.chosen, row.rejected) == (1, "Q+R", answer % 5, answer % 6)
+    # Different next states, or one episode ending there: the step where they part is the pair.
+    bad_call = ep(2, False, ["Thought: I need to compute 2 + 3." + call.replace('"b":3', '"b":4'), answer % 6],
+                  prompts=["Q", "Q+R'"], task="calculator")
+    ended = ep(3, False, [answer % 6], prompts=["Q"], task="calculator")
+    rows = build_preference_pairs([good, bad_call, ended], PairParams(), W, parse=ToolUse().parse)
+    assert sorted(zip(rows.step, rows.rejected)) == sorted([(0, bad_call["steps"][0]["output"]), (0, ended["steps"][0]["output"])])
+    # Identical outputs and identical states all the way: no pair.
+    assert build_preference_pairs([good, {**good, "episode_id": "x", "sample": 5, "success": False, "reward": -1.0}], PairParams(), W,
+                                  parse=ToolUse().parse).empty
+
+
 def test_no_pair_without_both_outcomes_or_from_crashes():
     wins = [ep(i, True, ['click button "a"']) for i in range(3)]
     crash = ep(9, False, ['click button "b"'], env_error=True)
