@@ -1,0 +1,116 @@
+"""DPO along its budget: which optimizer step, if any, keeps the SFT policy and gains?
+
+A probe on a finished (or stopped) `learning.py` run: from its saved SFT adapter and round-1
+rollouts it builds the same training pairs, trains DPO with the preset's settings (plus any
+`--dpo` overrides), saves the adapter at each of `--steps`, and evaluates SFT and every saved
+adapter greedily on the first `--items` held-out items per task. No RFT arm, no gates: for the
+full loop use learning.py. Prints a table and writes JSON.
+
+    python benchmarks/dpo_checkpoints.py --env tooluse --workdir /tmp/bench_tooluse \
+        --sft-adapter /tmp/bench_tooluse/sft_r2 --steps 23,46 --items 10 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, RolloutConfig
+from dpo_assets.presets import preset
+from dpo_driver.environment import load_environment
+from dpo_driver.io import atomic_write_text
+from dpo_driver.model import resolve_model
+from dpo_driver.pairs import build_preference_pairs, to_dpo_records
+from dpo_driver.policy import LMPolicy
+from dpo_driver.stats import decide, paired_bootstrap_diff
+from dpo_driver.tasks import SeedPlan
+from dpo_driver.training import DPOParams, build_dpo_trainer, load_policy
+from learning import Clock, _act, _per_task, _sampling
+from resources import TaskSuite
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--env", default="miniwob")
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--workdir", type=Path, required=True, help="a learning.py --workdir with rollouts_r1.jsonl")
+    ap.add_argument("--sft-adapter", type=Path, required=True)
+    ap.add_argument("--steps", default="23,46", help="optimizer steps at which the adapter is saved and evaluated")
+    ap.add_argument("--items", type=int, default=10, help="held-out items per task (the first of the eval band)")
+    ap.add_argument("--eval-offset", type=int, default=0)
+    ap.add_argument("--dpo", default="{}", help="JSON overrides of the preset's dpo_adapter config")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    steps = sorted({int(s) for s in args.steps.split(",")})
+
+    cfg = preset(args.preset)
+    ops = {k: v.get("config", {}) for k, v in cfg["ops"].items()}
+    suite = cfg["resources"]["task_suite"]["config"]
+    env = load_environment(args.env)
+    tasks = env.suite(suite.get("tasks") if args.env == "miniwob" else None)  # as learning.py picks them
+    plan = SeedPlan.build(suite["demo_seeds"], suite["rollout_seeds"], args.items, eval_offset=args.eval_offset,
+                          n_pair_validation=TaskSuite(**suite).pair_validation_seeds)
+    pair_cfg = PairsConfig(**ops["preference_pairs"])
+    episodes = [json.loads(line) for line in open(args.workdir / "rollouts_r1.jsonl")]
+    pairs = build_preference_pairs(episodes, pair_cfg.pair_params(), pair_cfg.score_weights(env), parse=env.parse)
+    records = to_dpo_records(pairs)
+    params = {**DPOAdapterConfig(**ops["dpo_adapter"]).model_dump(), "seed": args.seed, **json.loads(args.dpo)}
+    out = {"command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+           "environment": env.name, "dpo": params, "pairs": len(pairs), "pairs_by_task": pairs.groupby("task").size().to_dict(),
+           "pairs_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
+           "eval_seeds": [plan.eval[0], plan.eval[-1]], "items_per_task": args.items, "policies": {}, "wall": {}}
+    base = resolve_model(cfg["resources"]["policy_model"]["config"]["model"])
+    folder = args.workdir / f"dpo_checkpoints_s{args.seed}"
+
+    from transformers import TrainerCallback
+
+    class SaveAt(TrainerCallback):
+        def on_step_end(self, targs, state, control, model=None, **kw):
+            if state.global_step in steps:
+                model.save_pretrained(str(folder / f"step{state.global_step}"), selected_adapters=["default"])
+
+    t = time.time()
+    trainer = build_dpo_trainer(base, args.sft_adapter, records, folder / "scratch", DPOParams(**params))
+    trainer.add_callback(SaveAt())
+    trainer.train()
+    out["wall"]["dpo"] = round(time.time() - t, 1)
+    out["log_history"] = trainer.state.log_history
+    eval_cfg, roll_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump(), RolloutConfig(**ops["rollout_trajectories"]).model_dump()
+    clock = Clock()
+    for name, adapter in [("sft", args.sft_adapter)] + [(f"dpo@{s}", folder / f"step{s}") for s in steps]:
+        model, tok = load_policy(base, adapter)
+        eps = _act(clock, f"eval:{name}", LMPolicy(model, tok, env), env, tasks, list(plan.eval), 1, _sampling(eval_cfg, True, env),
+                   roll_cfg["max_steps"] or None)
+        out["policies"][name] = {"tasks": _per_task(eps, tasks), "mean": float(np.mean([e["success"] for e in eps])),
+                                 "by_item": {f"{e['task']}/{e['seed']}": float(e["success"]) for e in eps}}
+    out["wall"].update(clock.wall)
+    sft = out["policies"]["sft"]["by_item"]
+    for name, pol in out["policies"].items():
+        if name != "sft":
+            keys = sorted(sft.keys() & pol["by_item"].keys())
+            d, lo, hi = paired_bootstrap_diff(np.array([sft[k] for k in keys]), np.array([pol["by_item"][k] for k in keys]),
+                                              strata=[k.split("/")[0] for k in keys], seed=0)
+            pol["minus_sft_points"] = [round(100 * d, 1), round(100 * lo, 1), round(100 * hi, 1)]
+            pol["decision"] = decide(d, lo, hi)
+    print(f"\n{out['pairs']} pairs ({out['pairs_sha256'][:8]}), DPO {params['max_steps']} steps in {out['wall']['dpo']} s; "
+          f"{args.items} items per task from seed {plan.eval[0]}")
+    print("| policy | " + " | ".join(tasks) + " | mean | − SFT [95%] |")
+    print("|---|" + "---:|" * (len(tasks) + 2))
+    for name, pol in out["policies"].items():
+        diff = "{:+.1f} [{:+.1f}, {:+.1f}]".format(*pol["minus_sft_points"]) if "minus_sft_points" in pol else ""
+        print(f"| {name} | " + " | ".join(f"{100 * pol['tasks'][t]:.0f}%" for t in tasks) + f" | {100 * pol['mean']:.0f}% | {diff} |")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
