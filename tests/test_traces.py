@@ -186,8 +186,12 @@ def mlflow_store(migrated_db, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
     monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    # set_tracking_uri and set_experiment also export MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_ID (for
+    # subprocesses). setenv first records each variable's state before the test, so that whatever
+    # MLflow sets is undone afterwards instead of leaking into the next test file.
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")  # each async flush waits ~1 s
     mlflow.set_tracking_uri(uri)  # resets the tracer provider, which reads the variable above
 
