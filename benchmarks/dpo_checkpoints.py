@@ -29,10 +29,10 @@ from dpo_driver.io import atomic_write_text
 from dpo_driver.model import resolve_model
 from dpo_driver.pairs import build_preference_pairs, to_dpo_records
 from dpo_driver.policy import LMPolicy
-from dpo_driver.stats import decide, paired_bootstrap_diff
+from dpo_driver.stats import decide
 from dpo_driver.tasks import SeedPlan
 from dpo_driver.training import DPOParams, build_dpo_trainer, load_policy
-from learning import Clock, _act, _per_task, _sampling
+from learning import Clock, _act, _paired_diff, _per_task, _sampling
 from resources import TaskSuite
 
 
@@ -85,21 +85,18 @@ def main(argv: list[str] | None = None) -> dict:
     out["log_history"] = trainer.state.log_history
     eval_cfg, roll_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump(), RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     clock = Clock()
+    episodes_of: dict[str, list[dict]] = {}
     for name, adapter in [("sft", args.sft_adapter)] + [(f"dpo@{s}", folder / f"step{s}") for s in steps]:
         model, tok = load_policy(base, adapter)
-        eps = _act(clock, f"eval:{name}", LMPolicy(model, tok, env), env, tasks, list(plan.eval), 1, _sampling(eval_cfg, True, env),
-                   roll_cfg["max_steps"] or None)
+        eps = episodes_of[name] = _act(clock, f"eval:{name}", LMPolicy(model, tok, env), env, tasks, list(plan.eval), 1,
+                                       _sampling(eval_cfg, True, env), roll_cfg["max_steps"] or None)
         out["policies"][name] = {"tasks": _per_task(eps, tasks), "mean": float(np.mean([e["success"] for e in eps])),
                                  "by_item": {f"{e['task']}/{e['seed']}": float(e["success"]) for e in eps}}
+        if name != "sft":  # paired with SFT over the same items, as learning.py compares arms
+            d, lo, hi = _paired_diff(episodes_of["sft"], eps, seed=0)
+            out["policies"][name]["minus_sft_points"] = [round(100 * d, 1), round(100 * lo, 1), round(100 * hi, 1)]
+            out["policies"][name]["decision"] = decide(d, lo, hi)
     out["wall"].update(clock.wall)
-    sft = out["policies"]["sft"]["by_item"]
-    for name, pol in out["policies"].items():
-        if name != "sft":
-            keys = sorted(sft.keys() & pol["by_item"].keys())
-            d, lo, hi = paired_bootstrap_diff(np.array([sft[k] for k in keys]), np.array([pol["by_item"][k] for k in keys]),
-                                              strata=[k.split("/")[0] for k in keys], seed=0)
-            pol["minus_sft_points"] = [round(100 * d, 1), round(100 * lo, 1), round(100 * hi, 1)]
-            pol["decision"] = decide(d, lo, hi)
     print(f"\n{out['pairs']} pairs ({out['pairs_sha256'][:8]}), DPO {params['max_steps']} steps in {out['wall']['dpo']} s; "
           f"{args.items} items per task from seed {plan.eval[0]}")
     print("| policy | " + " | ".join(tasks) + " | mean | − SFT [95%] |")

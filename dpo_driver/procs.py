@@ -4,7 +4,7 @@ Chromium is a child of chromedriver. When chromedriver dies, Selenium's `quit()`
 talk to and Chromium lives on as an orphan (parent PID 1) with its renderers, about 1 GB
 resident; a long rollout with occasional driver crashes would grow without bound. The PIDs are
 recorded while the driver is alive, and the whole tree below them is killed on close or crash.
-Killed that way, neither leaves its temporary directories behind it cleans up on a normal exit
+Killed that way, neither removes the temporary directories it would on a normal exit
 (chromedriver's profile, Chromium's singleton socket directory): `browser_dirs` records them too.
 """
 
