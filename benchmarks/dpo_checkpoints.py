@@ -24,6 +24,7 @@ import numpy as np
 
 from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, RolloutConfig
 from dpo_assets.presets import preset
+from dpo_driver.demos import generate_demos
 from dpo_driver.environment import load_environment
 from dpo_driver.io import atomic_write_text
 from dpo_driver.model import resolve_model
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-offset", type=int, default=0)
     ap.add_argument("--dpo", default="{}", help="JSON overrides of the preset's dpo_adapter config")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-training", action="store_true",
+                    help="evaluate the adapters an earlier run with the same --dpo saved, e.g. on a fresh --eval-offset")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     steps = sorted({int(s) for s in args.steps.split(",")})
@@ -77,12 +80,19 @@ def main(argv: list[str] | None = None) -> dict:
             if state.global_step in steps:
                 model.save_pretrained(str(folder / f"step{state.global_step}"), selected_adapters=["default"])
 
-    t = time.time()
-    trainer = build_dpo_trainer(base, args.sft_adapter, records, folder / "scratch", DPOParams(**params))
-    trainer.add_callback(SaveAt())
-    trainer.train()
-    out["wall"]["dpo"] = round(time.time() - t, 1)
-    out["log_history"] = trainer.state.log_history
+    if args.skip_training:
+        missing = [s for s in steps if not (folder / f"step{s}" / "adapter_config.json").is_file()]
+        if missing:
+            raise SystemExit(f"--skip-training: no saved adapter for steps {missing} in {folder}; run once without it")
+        out["training_skipped"] = f"adapters reused from {folder}"
+    else:
+        t = time.time()
+        anchor = generate_demos(env, tasks, list(plan.demo)) if params.get("anchor_weight", 0) > 0 else None  # the SFT demos
+        trainer = build_dpo_trainer(base, args.sft_adapter, records, folder / "scratch", DPOParams(**params), anchor=anchor)
+        trainer.add_callback(SaveAt())
+        trainer.train()
+        out["wall"]["dpo"] = round(time.time() - t, 1)
+        out["log_history"] = trainer.state.log_history
     eval_cfg, roll_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump(), RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     clock = Clock()
     episodes_of: dict[str, list[dict]] = {}
@@ -97,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             out["policies"][name]["minus_sft_points"] = [round(100 * d, 1), round(100 * lo, 1), round(100 * hi, 1)]
             out["policies"][name]["decision"] = decide(d, lo, hi)
     out["wall"].update(clock.wall)
-    print(f"\n{out['pairs']} pairs ({out['pairs_sha256'][:8]}), DPO {params['max_steps']} steps in {out['wall']['dpo']} s; "
+    print(f"\n{out['pairs']} pairs ({out['pairs_sha256'][:8]}), DPO {params['max_steps']} steps in {out['wall'].get('dpo', 'reused')} s; "
           f"{args.items} items per task from seed {plan.eval[0]}")
     print("| policy | " + " | ".join(tasks) + " | mean | − SFT [95%] |")
     print("|---|" + "---:|" * (len(tasks) + 2))

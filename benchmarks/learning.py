@@ -205,7 +205,7 @@ def run(args) -> dict:
             rounds.append({"round": r, **stats, "decision": "no pairs"})
             break
         with clock.stage(f"dpo_r{r}"):
-            dpo = train_dpo(base, current, to_dpo_records(train_pairs), work / f"dpo_r{r}", DPOParams(**dpo_cfg))
+            dpo = train_dpo(base, current, to_dpo_records(train_pairs), work / f"dpo_r{r}", DPOParams(**dpo_cfg), anchor=demos)
         with clock.stage(f"dpo_gates_r{r}"):  # the DAG's blocking dpo_adapter checks; reported here, not enforced
             loaded = load_policy_and_reference(base, dpo.adapter_dir, current)
             acc = preference_accuracy(base, dpo.adapter_dir, current, to_dpo_records(held_out), loaded=loaded)
@@ -220,7 +220,9 @@ def run(args) -> dict:
             # The control sees the same rollouts round by round: it continues its own previous round
             # on this round's chosen actions with DPO's data, steps, lr and batch; only the loss differs.
             with clock.stage(f"rft_r{r}"):
-                rft_current = train_sft(base, rft_records(train_pairs), work / f"rft_r{r}", rft_params, init_adapter_dir=rft_current).adapter_dir
+                # With DPO's demo anchor on, the control also sees the demos: the same data, another loss.
+                rft_data = rft_records(train_pairs) + (demos if dpo_cfg.get("anchor_weight", 0) > 0 else [])
+                rft_current = train_sft(base, rft_data, work / f"rft_r{r}", rft_params, init_adapter_dir=rft_current).adapter_dir
         name = f"dpo_r{r}"
         evaluate(name, dpo.adapter_dir)
         prev = np.array([e["success"] for e in eval_eps[current_name]], float)
@@ -255,7 +257,7 @@ def run(args) -> dict:
                                   pair_params.max_pairs_per_prompt)
             eto_stats = {"pairs": int(len(eto))}
             if not eto.empty:
-                res = train_dpo(base, sft.adapter_dir, to_dpo_records(eto), work / "arm_eto", DPOParams(**dpo_cfg))
+                res = train_dpo(base, sft.adapter_dir, to_dpo_records(eto), work / "arm_eto", DPOParams(**dpo_cfg), anchor=demos)
         if not eto.empty:
             evaluate("arm:eto", res.adapter_dir)
     if "zero" in arms:
@@ -270,7 +272,8 @@ def run(args) -> dict:
         zero_stats = {"base_mean": round(float(np.mean([e["success"] for e in base_eps])), 4), **pair_yield(zero_roll, zero_pairs)}
         if not zero_pairs.empty:
             with clock.stage("dpo_zero"):
-                zres = train_dpo(base, zero, to_dpo_records(zero_pairs), work / "dpo_zero", DPOParams(**dpo_cfg))
+                # No demos to anchor to: the zero-demo arm trains on its own successes only.
+                zres = train_dpo(base, zero, to_dpo_records(zero_pairs), work / "dpo_zero", DPOParams(**{**dpo_cfg, "anchor_weight": 0.0}))
             evaluate("zero_dpo", zres.adapter_dir)
     objective_arms = [a for a in arms if a not in ("rft", "none", "eto", "zero")]
     if objective_arms and first_pairs is not None and not first_pairs.empty:
@@ -284,7 +287,7 @@ def run(args) -> dict:
                                     out_dir, DPOParams(**dpo_cfg))
                 else:
                     res = train_dpo(base, sft.adapter_dir, to_dpo_records(first_pairs), out_dir,
-                                    DPOParams(**{**dpo_cfg, "loss_type": arm.split("+")}))
+                                    DPOParams(**{**dpo_cfg, "loss_type": arm.split("+")}), anchor=demos)
             evaluate(f"arm:{arm}", res.adapter_dir)
     evaluate("random", None, policy=RandomPolicy(env))
 

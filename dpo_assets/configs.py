@@ -94,6 +94,8 @@ class DPOAdapterConfig(dg.Config):
     loss_weights: list[float] | None = Field(default(DPOParams, "loss_weights"), description="trl.DPOConfig.loss_weights, one per loss_type")
     learning_rate: float = Field(default(DPOParams, "learning_rate"), description="trl.DPOConfig.learning_rate")
     warmup_steps: int = Field(default(DPOParams, "warmup_steps"), description="trl.DPOConfig.warmup_steps: linear warm-up, in optimizer steps")
+    anchor_weight: float = Field(default(DPOParams, "anchor_weight"), description="weight of an SFT loss on sft_adapter's demos added to every "
+                                 "DPO step: keeps the expert's answers likely on states no pair covers; 0 = off")
     max_steps: int = Field(default(DPOParams, "max_steps"), description="trl.DPOConfig.max_steps: the budget in optimizer steps, the same whatever "
                            "the number of pairs; 0 = num_train_epochs passes with the min_steps floor")
     num_train_epochs: float = Field(default(DPOParams, "num_train_epochs"), description="passes over the pairs, only when max_steps is 0")

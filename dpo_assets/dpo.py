@@ -1,11 +1,12 @@
 from dataclasses import asdict
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
 from dpo_assets.configs import DPOAdapterConfig
 from dpo_assets._common import checkpoint_dir, numeric, stage
-from dpo_driver.io import atomic_write_jsonl
+from dpo_driver.io import atomic_write_jsonl, read_jsonl
 from dpo_driver.pairs import to_dpo_records
 from dpo_driver.stages import DPOOutput, SFTOutput
 from dpo_driver.train import JobSpec
@@ -41,8 +42,14 @@ def dpo_adapter(
         with st.files() as tmp:
             atomic_write_jsonl(tmp / "pairs.jsonl", records)
             atomic_write_jsonl(tmp / "validation_pairs.jsonl", held_out)  # never trained on: the preference-accuracy gate's pairs
+            anchor = ""
+            if params.anchor_weight > 0:  # beside the spec, so a container job carries its own copy
+                if not sft_adapter.demos_path:
+                    raise ValueError("dpo_adapter.anchor_weight > 0 needs sft_adapter's demos, and this sft_adapter recorded none")
+                atomic_write_jsonl(tmp / "anchor.jsonl", read_jsonl(Path(sft_adapter.demos_path)))
+                anchor = "anchor.jsonl"
             spec = JobSpec("dpo", sft_adapter.base_model, "pairs.jsonl", "adapter", params=asdict(params), sft_adapter_dir=start,
-                           scratch_dir=checkpoint_dir(context, artifact_store, "dpo_adapter"))
+                           anchor_records=anchor, scratch_dir=checkpoint_dir(context, artifact_store, "dpo_adapter"))
             result = trainer.train(context, spec.write(tmp / "dpo_job.json"))
         st.run.log_metrics(result["metrics"])
         st.run.log_artifacts(st.out / "adapter", "adapter")

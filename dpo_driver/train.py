@@ -32,6 +32,7 @@ class JobSpec:
     params: dict = field(default_factory=dict)  # SFTParams / DPOParams fields; missing = defaults
     sft_adapter_dir: str = ""  # DPO only: the SFT adapter to continue, also the frozen reference
     init_adapter_dir: str = ""  # SFT only: continue this adapter instead of a fresh LoRA (the RFT control)
+    anchor_records: str = ""  # DPO only: JSONL of the SFT demos, for params.anchor_weight > 0
     scratch_dir: str = ""  # trainer checkpoints; stable across retries so they resume; "" = .<output>.scratch beside output_dir
 
     @classmethod
@@ -49,7 +50,7 @@ class JobSpec:
         if spec.kind == "dpo" and not spec.sft_adapter_dir:
             raise ValueError(f"job spec {path}: a dpo job needs sft_adapter_dir (the SFT adapter to continue)")
         base = path.parent.resolve()
-        for name in ("records", "output_dir", "sft_adapter_dir", "init_adapter_dir", "scratch_dir"):
+        for name in ("records", "output_dir", "sft_adapter_dir", "init_adapter_dir", "anchor_records", "scratch_dir"):
             value = getattr(spec, name)
             if value:
                 setattr(spec, name, str(base / value))
@@ -88,8 +89,9 @@ def run(spec: JobSpec, on_log=None) -> dict:
                            init_adapter_dir=Path(spec.init_adapter_dir) if spec.init_adapter_dir else None,
                            scratch_dir=scratch)
     else:
+        anchor = read_jsonl(Path(spec.anchor_records)) if spec.anchor_records else None
         result = train_dpo(spec.base_model, Path(spec.sft_adapter_dir), records, Path(spec.output_dir),
-                           params, on_log=on_log, scratch_dir=scratch)
+                           params, on_log=on_log, scratch_dir=scratch, anchor=anchor)
     return {"kind": spec.kind, "adapter_dir": str(result.adapter_dir), "num_examples": result.num_examples,
             "metrics": result.metrics}
 

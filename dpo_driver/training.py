@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class DPOParams:
     loss_weights: list[float] | None = None  # one weight per loss_type; None = all 1.0
     learning_rate: float = 5e-5  # AdamW peak learning rate (linear decay)
     warmup_steps: int = 0  # optimizer steps of linear warm-up to the peak rate (Adam's first steps are its largest)
+    anchor_weight: float = 0.0  # weight of an SFT loss on the expert demos added to every step (see _anchored); 0 = off
     max_steps: int = 46  # the budget in optimizer steps, whatever the number of pairs; 0 = num_train_epochs passes (see train_steps)
     num_train_epochs: float = 1.0  # passes over the pairs, only when max_steps is 0
     min_steps: int = 30  # optimizer-step floor of the epoch budget (max_steps 0)
@@ -317,6 +319,62 @@ def _preference_trainer(trainer_cls, model, tokenizer, config, records: list[dic
     )
 
 
+def anchor_batches(tokenizer, records: list[dict], batch_size: int, max_length: int, seed: int):
+    """Endless shuffled batches of SFT records ({prompt, completion}, conversational), tokenized with
+    the chat template and labelled on the completion only, as SFT trained on them."""
+    _check_records(records, "anchor_batches", ("prompt", "completion"))
+    encoded = []
+    for r in records:
+        prompt = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError(f"anchor record's chat template does not extend its prompt: {full[:200]!r}")
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        ids = (p_ids + c_ids)[:max_length]
+        encoded.append((ids, ([-100] * len(p_ids) + c_ids)[:max_length]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch_size):
+            chunk = [encoded[j] for j in order[i:i + batch_size]]
+            width = max(len(ids) for ids, _ in chunk)
+            yield {"input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in chunk]),
+                   "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in chunk]),
+                   "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk])}
+
+
+def _anchored(trainer_cls, anchor: list[dict], params: DPOParams):
+    """`trainer_cls` with `anchor_weight` x the SFT loss on a batch of `anchor` records added to every
+    training step's loss: the expert demos stay likely on the states no pair covers.
+
+    Why: DPO moves probability only where pairs are. On tool use a preference learned on lookup
+    questions ("lookup over date") spread to the date and arithmetic questions, which no pair
+    contrasted, and SFT's 44% fell to 6-26% (benchmarks/results/dpo_checkpoints_tooluse_*.json).
+    TRL's "sft" loss type anchors only the chosen side of the pairs; this anchors the demos, as
+    InstructGPT's PPO-ptx mixes pretraining gradients into RL.
+    """
+    class Anchored(trainer_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not model.training:
+                return out
+            if not hasattr(self, "_anchor"):
+                self._anchor = anchor_batches(self.processing_class, anchor, params.per_device_train_batch_size,
+                                              params.max_length, params.seed)
+            batch = {k: v.to(self.accelerator.device) for k, v in next(self._anchor).items()}
+            nll = model(**batch, use_cache=False).loss
+            self._metrics["train"]["anchor_nll"].append(nll.item())
+            if return_outputs:
+                return out[0] + params.anchor_weight * nll, out[1]
+            return out + params.anchor_weight * nll
+
+    Anchored.__name__ = f"Anchored{trainer_cls.__name__}"
+    return Anchored
+
+
 def build_dpo_trainer(
     base_model: str,
     sft_adapter_dir: Path,
@@ -324,6 +382,7 @@ def build_dpo_trainer(
     scratch_dir: Path,
     params: DPOParams,
     on_log: Callable[[dict], None] | None = None,
+    anchor: list[dict] | None = None,
 ):
     """A DPOTrainer whose policy is the SFT adapter (trainable) and whose reference is its frozen copy.
 
@@ -337,6 +396,9 @@ def build_dpo_trainer(
     from trl import DPOConfig, DPOTrainer
 
     _check_records(records, "train_dpo", ("prompt", "chosen", "rejected"))
+    if params.anchor_weight > 0 and not anchor:
+        raise ValueError(f"DPO anchor_weight is {params.anchor_weight} but no anchor records (the SFT demos) were given; "
+                         "pass them, or set anchor_weight 0.")
     model, tokenizer = _trainable_start(base_model, sft_adapter_dir, params)
     config = DPOConfig(
         **_trainer_args(params, Path(scratch_dir), len(records)),
@@ -345,7 +407,8 @@ def build_dpo_trainer(
         loss_type=list(params.loss_type),
         loss_weights=params.loss_weights,
     )
-    return _preference_trainer(DPOTrainer, model, tokenizer, config, records, on_log)
+    trainer_cls = _anchored(DPOTrainer, anchor, params) if params.anchor_weight > 0 else DPOTrainer
+    return _preference_trainer(trainer_cls, model, tokenizer, config, records, on_log)
 
 
 def train_dpo(
@@ -356,11 +419,14 @@ def train_dpo(
     params: DPOParams,
     on_log: Callable[[dict], None] | None = None,
     scratch_dir: Path | None = None,
+    anchor: list[dict] | None = None,
 ) -> TrainResult:
-    """DPO from the SFT adapter against the frozen SFT policy; writes the adapter to `output_dir`."""
+    """DPO from the SFT adapter against the frozen SFT policy; writes the adapter to `output_dir`.
+    `anchor`: the SFT demos, for `params.anchor_weight` > 0 (see _anchored)."""
     _check_records(records, "train_dpo", ("prompt", "chosen", "rejected"))
-    return _train_in_scratch(lambda scratch: build_dpo_trainer(base_model, sft_adapter_dir, records, scratch, params, on_log),
-                             records, output_dir, _job_fingerprint("dpo", base_model, records, params, sft_adapter_dir),
+    anchor = anchor if params.anchor_weight > 0 else None  # unused records must not change the fingerprint
+    return _train_in_scratch(lambda scratch: build_dpo_trainer(base_model, sft_adapter_dir, records, scratch, params, on_log, anchor),
+                             records, output_dir, _job_fingerprint("dpo", base_model, records + (anchor or []), params, sft_adapter_dir),
                              scratch_dir)
 
 

@@ -42,7 +42,10 @@ def run(tmp_path_factory):
         # Round 2: promote round 1's adapter by hand, then refresh everything after SFT.
         tracker = MLflowTracker().tracker()
         promote(tracker, MODEL_NAME, 1, reason="e2e test: force a champion")
-        round2 = dg.materialize(ASSETS + CHECKS, resources=resources, run_config=improvement_run_config(preset("tiny")), instance=instance,
+        # Round 2 also trains with the demo anchor, through the same Pipes job as production.
+        config2 = improvement_run_config(preset("tiny"))
+        config2["ops"]["dpo_adapter"]["config"]["anchor_weight"] = 1.0
+        round2 = dg.materialize(ASSETS + CHECKS, resources=resources, run_config=config2, instance=instance,
                                 selection=dg.AssetSelection.assets(*ASSETS[1:]))
         yield result, home, round2
     mp.undo()
@@ -145,6 +148,13 @@ def test_second_round_acts_with_the_champion(run):
     assert set(eps["policy"]) == {"champion"}
     dpo2 = round2.output_for_node("dpo_adapter")
     assert dpo2.start_adapter_dir == acted and dpo2.sft_adapter_dir == round1_dpo.sft_adapter_dir
+    # The anchored job trained on a copy of the very demos SFT trained on, and logged its SFT loss.
+    job = Path(dpo2.adapter_dir).parent
+    demos = result.output_for_node("sft_adapter").demos_path
+    assert (job / "anchor.jsonl").read_text() == Path(demos).read_text()
+    [mat] = [e for e in round2.get_asset_materialization_events() if e.asset_key.to_user_string() == "dpo_adapter"]
+    assert mat.materialization.metadata["anchor_nll"].value > 0
+    assert not (Path(round1_dpo.adapter_dir).parent / "anchor.jsonl").exists()  # round 1: anchor off, no copy
     report = round2.output_for_node("evaluation_report")
     assert set(report.summary["mean"]) == {"sft", "champion", "dpo"}
     assert "dpo_minus_champion_points" in report.summary

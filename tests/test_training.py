@@ -311,3 +311,44 @@ def test_sft_rounds_in_keeps_every_round_in_one_movable_folder(tmp_path):
     assert [(s["init_adapter_dir"], s["scratch_dir"], s["output_dir"]) for s in launched] == [
         ("", "/scratch/sft", "adapter"), ("rounds/0", "/scratch/sft-r1", "adapter")]  # relative: valid after the folder moves
     assert sorted(p.name for p in tmp_path.glob("sft_job*.json")) == ["sft_job.json", "sft_job_r1.json"]
+
+
+def test_anchor_batches_label_the_completion_only():
+    from dpo_driver.training import anchor_batches
+
+    _, tok = load_model_and_tokenizer("tiny-random")
+    batch = next(anchor_batches(tok, SFT_RECORDS[:3], batch_size=3, max_length=512, seed=0))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        learned = [int(t) for t, lab in zip(ids, labels) if lab != -100]
+        assert all(int(lab) in (-100, int(t)) for t, lab in zip(ids, labels))
+        assert labels[mask == 0].eq(-100).all()  # padding is never learned
+        text = tok.decode(learned)
+        assert text.lstrip().startswith('click button "') and "Task:" not in text  # the answer, not the prompt
+
+
+def _demo_nll(adapter, records) -> float:
+    from dpo_driver.training import anchor_batches
+
+    model, tok = load_policy("tiny-random", adapter, dtype="float32")
+    with torch.no_grad():
+        return float(model(**next(anchor_batches(tok, records, len(records), 512, 0))).loss)
+
+
+def test_dpo_anchor_keeps_the_demos_likely(sft, tmp_path):
+    """Pairs that push the demos' own answers down: the anchored run keeps them more likely."""
+    sft_dir = sft[0].adapter_dir
+    against = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in DPO_RECORDS]
+    params = replace(DPO, learning_rate=1e-2, num_train_epochs=2)
+    plain = train_dpo("tiny-random", sft_dir, against, tmp_path / "plain", params).adapter_dir
+    anchored = train_dpo("tiny-random", sft_dir, against, tmp_path / "anchored", replace(params, anchor_weight=1.0),
+                         anchor=SFT_RECORDS).adapter_dir
+    start, off, on = (_demo_nll(a, SFT_RECORDS) for a in (sft_dir, plain, anchored))
+    assert off > start + 0.5  # the pairs alone make the demos less likely
+    assert on < off - 0.5
+
+
+def test_dpo_anchor_weight_needs_the_demos(sft, tmp_path):
+    with pytest.raises(ValueError, match="anchor"):
+        train_dpo("tiny-random", sft[0].adapter_dir, DPO_RECORDS, tmp_path / "dpo", replace(DPO, anchor_weight=1.0))
+    assert not (tmp_path / "dpo").exists()
