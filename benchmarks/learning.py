@@ -115,7 +115,7 @@ def run(args) -> dict:
     # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
     sft_stage = SFTAdapterConfig(**ops["sft_adapter"])
     sft_cfg = {**asdict(sft_stage.sft_params()), "seed": args.seed}
-    dpo_cfg = {**DPOAdapterConfig(**ops["dpo_adapter"]).model_dump(), "seed": args.seed}
+    dpo_cfg = {**DPOAdapterConfig(**{**ops["dpo_adapter"], **json.loads(args.dpo)}).model_dump(), "seed": args.seed}
     roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
     gate_cfgs = DPOGateConfig(**ops.get("dpo_adapter_gates", {})).model_dump()
@@ -303,6 +303,7 @@ def run(args) -> dict:
            "seeds": {"demo": [plan.demo[0], plan.demo[-1]], "rollout": [plan.rollout[0], plan.rollout[-1]],
                      "eval": [plan.eval[0], plan.eval[-1]],
                      "pair_validation": [plan.pair_validation[0], plan.pair_validation[-1]] if plan.pair_validation else []}}
+    out["dpo_config"] = dpo_cfg  # the preset's, with any --dpo overrides
     for t in tasks:
         row = {p: round(report.table.loc[t, f"{p}_rate"], 4) for p in ("sft", "dpo", "rft", "random") if f"{p}_rate" in report.table}
         row["n"] = int(report.table.loc[t, "sft_n"])
@@ -422,6 +423,7 @@ def main(argv=None) -> dict:
                     help="start the held-out seeds this far into the eval band (a range no tuning has looked at)")
     ap.add_argument("--sft-adapter", default="", help="skip SFT: start from this adapter (an earlier run's SFT stage, trained "
                     "with the same preset, suite and seed; its wall time is not in this run's)")
+    ap.add_argument("--dpo", default="{}", help='JSON overrides of the preset\'s dpo_adapter config, e.g. \'{"anchor_weight": 1.0}\'')
     ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)
