@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, RolloutConfig
+from dpo_assets.configs import EvaluationConfig, PairsConfig, RolloutConfig
 from dpo_assets.presets import preset
 from dpo_driver.demos import generate_demos
 from dpo_driver.environment import load_environment
@@ -33,7 +33,7 @@ from dpo_driver.policy import LMPolicy
 from dpo_driver.stats import decide
 from dpo_driver.tasks import SeedPlan
 from dpo_driver.training import DPOParams, build_dpo_trainer, load_policy
-from learning import Clock, _act, _paired_diff, _per_task, _sampling
+from learning import Clock, _act, _paired_diff, _per_task, _sampling, add_dpo_argument, dpo_config
 from resources import TaskSuite
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", default="23,46", help="optimizer steps at which the adapter is saved and evaluated")
     ap.add_argument("--items", type=int, default=10, help="held-out items per task (the first of the eval band)")
     ap.add_argument("--eval-offset", type=int, default=0)
-    ap.add_argument("--dpo", default="{}", help="JSON overrides of the preset's dpo_adapter config")
+    add_dpo_argument(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-training", action="store_true",
                     help="evaluate the adapters an earlier run with the same --dpo saved, e.g. on a fresh --eval-offset")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     episodes = [json.loads(line) for line in open(args.workdir / "rollouts_r1.jsonl")]
     pairs = build_preference_pairs(episodes, pair_cfg.pair_params(), pair_cfg.score_weights(env), parse=env.parse)
     records = to_dpo_records(pairs)
-    params = {**DPOAdapterConfig(**ops["dpo_adapter"]).model_dump(), "seed": args.seed, **json.loads(args.dpo)}
+    params = dpo_config(ops, args.dpo, args.seed)
     out = {"command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
            "environment": env.name, "dpo": params, "pairs": len(pairs), "pairs_by_task": pairs.groupby("task").size().to_dict(),
            "pairs_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),

@@ -103,6 +103,15 @@ def _paired_diff(baseline: list[dict], candidate: list[dict], seed: int) -> tupl
                                  strata=[k[0] for k in keys], seed=seed)
 
 
+def dpo_config(ops: dict, overrides: str, seed: int) -> dict:
+    """The preset's dpo_adapter config with `--dpo` JSON overrides, validated by the asset's own class."""
+    return {**DPOAdapterConfig(**{**ops["dpo_adapter"], **json.loads(overrides)}).model_dump(), "seed": seed}
+
+
+def add_dpo_argument(ap) -> None:
+    ap.add_argument("--dpo", default="{}", help='JSON overrides of the preset\'s dpo_adapter config, e.g. \'{"anchor_weight": 0}\'')
+
+
 def run(args) -> dict:
     cfg = preset(args.preset)
     ops = {k: v.get("config", {}) for k, v in cfg["ops"].items()}
@@ -115,7 +124,7 @@ def run(args) -> dict:
     # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
     sft_stage = SFTAdapterConfig(**ops["sft_adapter"])
     sft_cfg = {**asdict(sft_stage.sft_params()), "seed": args.seed}
-    dpo_cfg = {**DPOAdapterConfig(**{**ops["dpo_adapter"], **json.loads(args.dpo)}).model_dump(), "seed": args.seed}
+    dpo_cfg = dpo_config(ops, args.dpo, args.seed)
     roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
     gate_cfgs = DPOGateConfig(**ops.get("dpo_adapter_gates", {})).model_dump()
@@ -423,7 +432,7 @@ def main(argv=None) -> dict:
                     help="start the held-out seeds this far into the eval band (a range no tuning has looked at)")
     ap.add_argument("--sft-adapter", default="", help="skip SFT: start from this adapter (an earlier run's SFT stage, trained "
                     "with the same preset, suite and seed; its wall time is not in this run's)")
-    ap.add_argument("--dpo", default="{}", help='JSON overrides of the preset\'s dpo_adapter config, e.g. \'{"anchor_weight": 1.0}\'')
+    add_dpo_argument(ap)
     ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)

@@ -364,6 +364,9 @@ def _anchored(trainer_cls, anchor: list[dict], params: DPOParams):
             if not hasattr(self, "_anchor"):
                 self._anchor = anchor_batches(self.processing_class, anchor, params.per_device_train_batch_size,
                                               params.max_length, params.seed)
+                # A run resumed from a checkpoint continues the demos' order there, as the pairs' order does.
+                for _ in range(self.state.global_step * self.args.gradient_accumulation_steps):
+                    next(self._anchor)
             batch = {k: v.to(self.accelerator.device) for k, v in next(self._anchor).items()}
             nll = model(**batch, use_cache=False).loss
             self._metrics["train"]["anchor_nll"].append(nll.item())

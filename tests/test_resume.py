@@ -6,9 +6,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from dpo_driver.training import DPOParams, SFTParams, last_checkpoint, scratch_dir_for, train_dpo, train_sft
 
@@ -37,6 +39,19 @@ from pathlib import Path
 from dpo_driver.training import train_dpo
 from tests.test_resume import DPO_PARAMS, PAIRS
 train_dpo("tiny-random", Path(sys.argv[2]), PAIRS, Path(sys.argv[1]), DPO_PARAMS, on_log=lambda logs: time.sleep(0.4))
+"""
+
+
+# Anchored: eight demos in batches of 2, so a restarted anchor order shows in the weights.
+ANCHOR = [{"prompt": [{"role": "user", "content": f'Task: Type "{w}" into the box.\n1. textbox ""'}],
+           "completion": [{"role": "assistant", "content": f'type textbox "{w}"'}]} for w in "alpha bravo delta echo golf hotel kilo lima".split()]
+ANCHORED_DPO_PARAMS = replace(DPO_PARAMS, anchor_weight=1.0)
+FIRST_ANCHORED_DPO_RUN = """
+import sys, time
+from pathlib import Path
+from dpo_driver.training import train_dpo
+from tests.test_resume import ANCHOR, ANCHORED_DPO_PARAMS, PAIRS
+train_dpo("tiny-random", Path(sys.argv[2]), PAIRS, Path(sys.argv[1]), ANCHORED_DPO_PARAMS, on_log=lambda logs: time.sleep(0.4), anchor=ANCHOR)
 """
 
 
@@ -87,6 +102,20 @@ def test_a_killed_dpo_run_resumes_from_its_last_complete_checkpoint(tmp_path, ca
     assert result.metrics["global_step"] == 6 and (out / "adapter_config.json").is_file()
     assert not scratch_dir_for(out).exists()
     print(f"DPO killed after checkpoint-{killed_at}; resumed run logged steps {steps}")
+
+
+def test_a_resumed_anchored_dpo_run_ends_where_an_uninterrupted_one_does(tmp_path, cache):
+    # The anchor's demo batches continue from the checkpoint's step, as the pairs do: a resumed run
+    # that replayed the demos from the first batch would end on other weights.
+    sft = train_sft("tiny-random", RECORDS, tmp_path / "sft", SFTParams(max_steps=0, min_steps=0, num_train_epochs=1, max_length=64)).adapter_dir
+    whole = train_dpo("tiny-random", sft, PAIRS, tmp_path / "whole" / "adapter", ANCHORED_DPO_PARAMS, anchor=ANCHOR).adapter_dir
+    out = tmp_path / "dpo" / "adapter"
+    killed_at = _kill_after_a_checkpoint(FIRST_ANCHORED_DPO_RUN, out, str(sft))
+    resumed = train_dpo("tiny-random", sft, PAIRS, out, ANCHORED_DPO_PARAMS, anchor=ANCHOR).adapter_dir
+    a, b = load_file(whole / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-6, f"resumed after checkpoint-{killed_at}, the adapter differs from an uninterrupted run's by {diff}"
 
 
 def test_leftover_checkpoints_of_another_job_are_not_resumed(tmp_path, cache):
