@@ -98,7 +98,7 @@ def table(results: dict) -> tuple[list[dict], str]:
         by_suite.setdefault(r["suite"], []).append(r)
     rows, lines = [], []
     head = (f"{'suite':<16}{'tasks':>6}{'seeds':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'ETO':>6}{'rand':>6}"
-            f"{'DPO-SFT [95% CI]':>22}{'DPO-RFT [95% CI]':>22}{'DPO-ETO [95% CI]':>22}{'pairs':>7}{'yield':>7}{'wall s':>8}")
+            f"{'DPO-SFT [95% CI]':>22}{'DPO-RFT [95% CI]':>22}{'DPO-ETO [95% CI]':>22}{'pairs':>10}{'yield':>12}{'wall s':>8}")
     lines.append(head)
 
     def fmt(d):
@@ -118,8 +118,8 @@ def table(results: dict) -> tuple[list[dict], str]:
         rows.append(row)
         lines.append(f"{suite:<16}{len(row['tasks']):>6}{len(runs):>6}{pct(row['sft']):>6}{pct(row['dpo']):>6}{pct(row['rft']):>6}"
                      f"{pct(row['eto']):>6}{pct(row['random']):>6}{fmt(row['dpo_minus_sft']):>22}{fmt(row['dpo_minus_rft']):>22}"
-                     f"{fmt(row['dpo_minus_eto']):>22}{'/'.join(str(p) for p in row['pairs']):>7}"
-                     f"{'/'.join(f'{y:.2f}' for y in row['pair_yield'] if y is not None):>7}{sum(row['wall_seconds']):>8.0f}")
+                     f"{fmt(row['dpo_minus_eto']):>22}{'/'.join(str(p) for p in row['pairs']):>10}"
+                     f"{'/'.join(f'{y:.2f}' for y in row['pair_yield'] if y is not None):>12}{sum(row['wall_seconds']):>8.0f}")
     for suite, runs in by_suite.items():
         lines.append(f"  {suite}: {', '.join(runs[0]['tasks'])}")
         z = pooled_diff(runs, "zero_dpo", "base")
