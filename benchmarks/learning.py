@@ -105,7 +105,11 @@ def _paired_diff(baseline: list[dict], candidate: list[dict], seed: int) -> tupl
 
 def dpo_config(ops: dict, overrides: str, seed: int) -> dict:
     """The preset's dpo_adapter config with `--dpo` JSON overrides, validated by the asset's own class."""
-    return {**DPOAdapterConfig(**{**ops["dpo_adapter"], **json.loads(overrides)}).model_dump(), "seed": seed}
+    extra = json.loads(overrides)
+    unknown = sorted(set(extra) - set(DPOAdapterConfig.model_fields))  # the Config class would keep a typo silently
+    if unknown:
+        raise ValueError(f"--dpo: unknown dpo_adapter option(s) {unknown}; known: {sorted(DPOAdapterConfig.model_fields)}")
+    return {**DPOAdapterConfig(**{**ops["dpo_adapter"], **extra}).model_dump(), "seed": seed}
 
 
 def add_dpo_argument(ap) -> None:

@@ -145,9 +145,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--sft-adapter", default="", help="learning.py --sft-adapter: one suite and one training seed only")
     ap.add_argument("--json", default=str(RESULTS), help="results file; each run is added (same suite+seed replaced)")
     ap.add_argument("--table-only", action="store_true", help="print the table of the results file and exit")
+    learning.add_dpo_argument(ap)  # runs are keyed by suite, seed and offset only: give another --dpo its own --json
     args = ap.parse_args(argv)
     path = Path(args.json)
     if not args.table_only:
+        ops = {k: v.get("config", {}) for k, v in preset(args.preset)["ops"].items()}
+        learning.dpo_config(ops, args.dpo, 0)  # a bad override fails here, before an hour of runs
         suites, seeds = resolve_suites(args.suites, args.preset, args.draw_seed), [int(s) for s in args.train_seeds.split(",") if s.strip()]
         if args.sft_adapter and len(suites) * len(seeds) != 1:
             ap.error("--sft-adapter is one suite's SFT stage: give one suite and one training seed")
@@ -157,7 +160,7 @@ def main(argv=None) -> dict:
                 print(f"\n=== suite {suite} ({', '.join(tasks)}), training seed {seed} ===", flush=True)
                 res = learning.main(["--preset", args.preset, "--seed", str(seed), "--tasks", ",".join(tasks), "--arms", args.arms,
                                      "--eval-offset", str(args.eval_offset), "--eval-seeds", str(args.eval_seeds),
-                                     "--sft-adapter", args.sft_adapter])
+                                     "--sft-adapter", args.sft_adapter, "--dpo", args.dpo])
                 res.pop("report_markdown", None)
                 res.update(suite=suite, tasks=tasks, suites_command=" ".join(shlex.quote(a) for a in sys.argv),
                            suite_wall_seconds=round(time.time() - t0, 1))

@@ -2,6 +2,7 @@
 
 import pytest
 
+import benchmarks.suites as suites_cli
 from benchmarks.suites import draw_suites, pooled_diff, resolve_suites, table
 
 TASKS = tuple(f"t{i}" for i in range(20))
@@ -39,3 +40,19 @@ def test_pooled_difference_pairs_episodes_across_training_seeds():
     assert pooled_diff(runs, "dpo", "eto") is None  # no run evaluated that arm
     rows, text = table({"runs": runs})
     assert rows[0]["sft"] == 0 and rows[0]["dpo"] == 75 and "pooled over all suites" in text
+
+
+def test_dpo_overrides_reach_every_run_and_a_bad_one_fails_before_any(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_learning(argv):
+        calls.append(argv)
+        return {"seed": int(argv[argv.index("--seed") + 1]), **run("x", 0, [0], [1], [0])}
+
+    monkeypatch.setattr(suites_cli.learning, "main", fake_learning)
+    out = tmp_path / "suites.json"
+    suites_cli.main(["--suites", "default", "--train-seeds", "0,1", "--json", str(out), "--dpo", '{"anchor_weight": 0}'])
+    assert len(calls) == 2 and all(c[c.index("--dpo") + 1] == '{"anchor_weight": 0}' for c in calls)
+    with pytest.raises(ValueError, match="unknown dpo_adapter option.*no_such_option"):
+        suites_cli.main(["--suites", "default", "--json", str(tmp_path / "bad.json"), "--dpo", '{"no_such_option": 1}'])
+    assert len(calls) == 2 and not (tmp_path / "bad.json").exists()
