@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dpo_assets.configs import EvaluationConfig, PairsConfig, RolloutConfig
-from dpo_assets.presets import preset
+from dpo_assets.presets import op_configs, preset
 from dpo_driver.demos import generate_demos
 from dpo_driver.environment import load_environment
 from dpo_driver.io import atomic_write_text
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = sorted({int(s) for s in args.steps.split(",")})
 
     cfg = preset(args.preset)
-    ops = {k: v.get("config", {}) for k, v in cfg["ops"].items()}
+    ops = op_configs(cfg)
     suite = cfg["resources"]["task_suite"]["config"]
     env = load_environment(args.env)
     tasks = env.suite(suite.get("tasks") if args.env == "miniwob" else None)  # as learning.py picks them

@@ -29,7 +29,7 @@ import torch
 
 from dpo_assets.checks import DPOGateConfig, SFTGateConfig
 from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, RolloutConfig, SFTAdapterConfig
-from dpo_assets.presets import preset
+from dpo_assets.presets import op_configs, preset
 from dpo_driver.demos import generate_demos
 from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, preference_accuracy, train_and_validation_pairs
 from dpo_driver.eto import build_eto_pairs, expert_paths
@@ -118,7 +118,7 @@ def add_dpo_argument(ap) -> None:
 
 def run(args) -> dict:
     cfg = preset(args.preset)
-    ops = {k: v.get("config", {}) for k, v in cfg["ops"].items()}
+    ops = op_configs(cfg)
     suite = cfg["resources"]["task_suite"]["config"]
     model_name = args.model or cfg["resources"]["policy_model"]["config"]["model"]
     env = load_environment(args.env)

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: `benchmarks` is not installed
 from benchmarks import learning  # noqa: E402
-from dpo_assets.presets import preset  # noqa: E402
+from dpo_assets.presets import op_configs, preset  # noqa: E402
 from dpo_driver.io import atomic_write_text  # noqa: E402
 from dpo_driver.stats import paired_bootstrap_diff  # noqa: E402
 from dpo_driver.families.miniwob import SUPPORTED_TASKS  # noqa: E402
@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     path = Path(args.json)
     if not args.table_only:
-        ops = {k: v.get("config", {}) for k, v in preset(args.preset)["ops"].items()}
+        ops = op_configs(preset(args.preset))
         learning.dpo_config(ops, args.dpo, 0)  # a bad override fails here, before an hour of runs
         suites, seeds = resolve_suites(args.suites, args.preset, args.draw_seed), [int(s) for s in args.train_seeds.split(",") if s.strip()]
         if args.sft_adapter and len(suites) * len(seeds) != 1:

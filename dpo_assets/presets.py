@@ -8,9 +8,9 @@ They live in `dpo_driver/runconfig.py` (Dagster-free, so `sensors/` can use them
 
 from __future__ import annotations
 
-from dpo_driver.runconfig import DEFAULT, PRESETS, TINY, preset
+from dpo_driver.runconfig import DEFAULT, PRESETS, TINY, op_configs, preset
 
-__all__ = ["DEFAULT", "PRESETS", "TINY", "preset"]
+__all__ = ["DEFAULT", "PRESETS", "TINY", "op_configs", "preset"]
 
 if __name__ == "__main__":
     import json

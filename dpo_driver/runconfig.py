@@ -112,6 +112,11 @@ def preset(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
+def op_configs(run_config: dict) -> dict[str, dict]:
+    """Each op's `config` block of a run config, by op name ({} where an op sets none)."""
+    return {k: v.get("config", {}) for k, v in run_config["ops"].items()}
+
+
 TRIGGER_TAG = "dpo/trigger"  # schedule | new_demos | regression: who launched a run
 # The assets an improvement round materializes (job `improvement_round`), in DAG order.
 IMPROVEMENT_ASSET_NAMES = ("rollout_trajectories", "preference_pairs", "dpo_adapter", "evaluation_report")
