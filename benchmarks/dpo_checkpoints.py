@@ -3,8 +3,10 @@
 A probe on a finished (or stopped) `learning.py` run: from its saved SFT adapter and round-1
 rollouts it builds the same training pairs, trains DPO with the preset's settings (plus any
 `--dpo` overrides), saves the adapter at each of `--steps`, and evaluates SFT and every saved
-adapter greedily on the first `--items` held-out items per task. No RFT arm, no gates: for the
-full loop use learning.py. Prints a table and writes JSON.
+adapter greedily on the first `--items` held-out items per task of the rollouts' own suite.
+`--also NAME=DIR` evaluates more adapters on the same items (e.g. the run's `rft_r1` and `dpo_r1`);
+`--sft-adapter` may be any adapter to start DPO from (it is also the reference). No gates: for
+the full loop use learning.py. Prints a table and writes JSON.
 
     python benchmarks/dpo_checkpoints.py --env tooluse --workdir /tmp/bench_tooluse \
         --sft-adapter /tmp/bench_tooluse/sft_r2 --steps 23,46 --items 10 --json out.json
@@ -46,32 +48,43 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", default="23,46", help="optimizer steps at which the adapter is saved and evaluated")
     ap.add_argument("--items", type=int, default=10, help="held-out items per task (the first of the eval band)")
     ap.add_argument("--eval-offset", type=int, default=0)
+    ap.add_argument("--also", action="append", default=[], metavar="NAME=DIR",
+                    help="another adapter to evaluate on the same items, paired with the start adapter (repeatable)")
     add_dpo_argument(ap)
+    ap.add_argument("--start-name", default="sft", help="the start adapter's name in the table (e.g. rft)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-training", action="store_true",
                     help="evaluate the adapters an earlier run with the same --dpo saved, e.g. on a fresh --eval-offset")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     steps = sorted({int(s) for s in args.steps.split(",")})
+    also = [tuple(a.split("=", 1)) for a in args.also]
+    bad = [a for a, t in zip(args.also, also) if len(t) != 2 or not (Path(t[1]) / "adapter_config.json").is_file()]
+    if bad:
+        raise SystemExit(f"--also wants NAME=DIR with a saved adapter in DIR: {bad}")
 
     cfg = preset(args.preset)
     ops = op_configs(cfg)
     suite = cfg["resources"]["task_suite"]["config"]
     env = load_environment(args.env)
-    tasks = env.suite(suite.get("tasks") if args.env == "miniwob" else None)  # as learning.py picks them
+    episodes = [json.loads(line) for line in open(args.workdir / "rollouts_r1.jsonl")]
+    # The run's suite is the one its rollouts cover (a learning.py --tasks run is not the preset's).
+    tasks = env.suite(list(dict.fromkeys(e["task"] for e in episodes)))
     plan = SeedPlan.build(suite["demo_seeds"], suite["rollout_seeds"], args.items, eval_offset=args.eval_offset,
                           n_pair_validation=TaskSuite(**suite).pair_validation_seeds)
     pair_cfg = PairsConfig(**ops["preference_pairs"])
-    episodes = [json.loads(line) for line in open(args.workdir / "rollouts_r1.jsonl")]
     pairs = build_preference_pairs(episodes, pair_cfg.pair_params(), pair_cfg.score_weights(env), parse=env.parse)
     records = to_dpo_records(pairs)
     params = dpo_config(ops, args.dpo, args.seed)
     out = {"command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
            "environment": env.name, "dpo": params, "pairs": len(pairs), "pairs_by_task": pairs.groupby("task").size().to_dict(),
            "pairs_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
-           "eval_seeds": [plan.eval[0], plan.eval[-1]], "items_per_task": args.items, "policies": {}, "wall": {}}
+           "eval_seeds": [plan.eval[0], plan.eval[-1]], "items_per_task": args.items, "tasks": tasks,
+           "start": {"name": args.start_name, "adapter": str(args.sft_adapter)}, "also": dict(also), "policies": {}, "wall": {}}
     base = resolve_model(cfg["resources"]["policy_model"]["config"]["model"])
-    folder = args.workdir / f"dpo_checkpoints_s{args.seed}"
+    # One folder per (start adapter, DPO settings, seed): probes in one workdir do not overwrite each other.
+    key = hashlib.sha256(json.dumps([str(args.sft_adapter.resolve()), params], sort_keys=True).encode()).hexdigest()[:8]
+    folder = args.workdir / f"dpo_checkpoints_s{args.seed}_{key}"
 
     from transformers import TrainerCallback
 
@@ -96,23 +109,23 @@ def main(argv: list[str] | None = None) -> dict:
     eval_cfg, roll_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump(), RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     clock = Clock()
     episodes_of: dict[str, list[dict]] = {}
-    for name, adapter in [("sft", args.sft_adapter)] + [(f"dpo@{s}", folder / f"step{s}") for s in steps]:
-        model, tok = load_policy(base, adapter)
+    for name, adapter in [(args.start_name, args.sft_adapter), *also] + [(f"dpo@{s}", folder / f"step{s}") for s in steps]:
+        model, tok = load_policy(base, Path(adapter))
         eps = episodes_of[name] = _act(clock, f"eval:{name}", LMPolicy(model, tok, env), env, tasks, list(plan.eval), 1,
                                        _sampling(eval_cfg, True, env), roll_cfg["max_steps"] or None)
         out["policies"][name] = {"tasks": _per_task(eps, tasks), "mean": float(np.mean([e["success"] for e in eps])),
                                  "by_item": {f"{e['task']}/{e['seed']}": float(e["success"]) for e in eps}}
-        if name != "sft":  # paired with SFT over the same items, as learning.py compares arms
-            d, lo, hi = _paired_diff(episodes_of["sft"], eps, seed=0)
-            out["policies"][name]["minus_sft_points"] = [round(100 * d, 1), round(100 * lo, 1), round(100 * hi, 1)]
+        if name != args.start_name:  # paired with the start over the same items, as learning.py compares arms
+            d, lo, hi = _paired_diff(episodes_of[args.start_name], eps, seed=0)
+            out["policies"][name]["minus_start_points"] = [round(100 * d, 1), round(100 * lo, 1), round(100 * hi, 1)]
             out["policies"][name]["decision"] = decide(d, lo, hi)
     out["wall"].update(clock.wall)
     print(f"\n{out['pairs']} pairs ({out['pairs_sha256'][:8]}), DPO {params['max_steps']} steps in {out['wall'].get('dpo', 'reused')} s; "
           f"{args.items} items per task from seed {plan.eval[0]}")
-    print("| policy | " + " | ".join(tasks) + " | mean | − SFT [95%] |")
+    print("| policy | " + " | ".join(tasks) + f" | mean | − {args.start_name} [95%] |")
     print("|---|" + "---:|" * (len(tasks) + 2))
     for name, pol in out["policies"].items():
-        diff = "{:+.1f} [{:+.1f}, {:+.1f}]".format(*pol["minus_sft_points"]) if "minus_sft_points" in pol else ""
+        diff = "{:+.1f} [{:+.1f}, {:+.1f}]".format(*pol["minus_start_points"]) if "minus_start_points" in pol else ""
         print(f"| {name} | " + " | ".join(f"{100 * pol['tasks'][t]:.0f}%" for t in tasks) + f" | {100 * pol['mean']:.0f}% | {diff} |")
     if args.json:
         atomic_write_text(args.json, json.dumps(out, indent=1))

@@ -36,3 +36,19 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     assert ipo["ci_points"][0] <= ipo["minus_sft_points"] <= ipo["ci_points"][1]
     assert {"arm:ipo", "arm:kto"} <= saved["wall_seconds"].keys()
     assert saved["arms"]["kto"]["tasks"].keys() == saved["tasks"].keys()  # KTO on the unpaired steps of the same rollouts
+
+    # The checkpoint probe on that run: DPO from the RFT adapter, the run's SFT on the same items.
+    from benchmarks.dpo_checkpoints import main as probe
+
+    work = tmp_path / "work"
+    sft = sorted(work.glob("sft_r*"))[-1]  # the last SFT round
+    with pytest.raises(SystemExit, match="NAME=DIR"):  # before any training
+        probe(["--preset", "tiny", "--workdir", str(work), "--sft-adapter", str(work / "rft_r1"), "--also", f"sft={tmp_path}"])
+    got = probe(["--preset", "tiny", "--workdir", str(work), "--sft-adapter", str(work / "rft_r1"), "--start-name", "rft",
+                 "--also", f"sft={sft}", "--steps", "1", "--items", "1", "--json", str(tmp_path / "probe.json")])
+    assert got["tasks"] == ["click-tab", "enter-text"]  # the rollouts' suite
+    assert list(got["policies"]) == ["rft", "sft", "dpo@1"] and "minus_start_points" not in got["policies"]["rft"]
+    for name in ("sft", "dpo@1"):
+        d, lo, hi = got["policies"][name]["minus_start_points"]
+        assert lo <= d <= hi
+    assert json.loads((tmp_path / "probe.json").read_text())["start"] == {"name": "rft", "adapter": str(work / "rft_r1")}
