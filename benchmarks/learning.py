@@ -179,8 +179,10 @@ def run(args) -> dict:
             print(message, flush=True)
 
     current, current_name = sft.adapter_dir, "sft"
-    # The control gets DPO's budget: the same steps (or epochs) on the same chosen side.
-    rft_params = SFTParams(learning_rate=dpo_cfg["learning_rate"], max_steps=dpo_cfg["max_steps"],
+    # The control gets DPO's budget: the same steps (or epochs) on the same chosen side, plus the
+    # steps DPO's own chosen-side SFT stage takes (chosen_sft_steps) when it has one and counts steps.
+    extra = dpo_cfg.get("chosen_sft_steps", 0) if dpo_cfg["max_steps"] else 0
+    rft_params = SFTParams(learning_rate=dpo_cfg["learning_rate"], max_steps=dpo_cfg["max_steps"] + extra,
                            num_train_epochs=dpo_cfg["num_train_epochs"], min_steps=dpo_cfg["min_steps"],
                            per_device_train_batch_size=dpo_cfg.get("per_device_train_batch_size", 4),
                            max_length=dpo_cfg.get("max_length", 512), seed=args.seed)

@@ -96,6 +96,8 @@ class DPOAdapterConfig(dg.Config):
     warmup_steps: int = Field(default(DPOParams, "warmup_steps"), description="trl.DPOConfig.warmup_steps: linear warm-up, in optimizer steps")
     anchor_weight: float = Field(default(DPOParams, "anchor_weight"), description="weight of an SFT loss on sft_adapter's demos added to every "
                                  "DPO step: keeps the expert's answers likely on states no pair covers; 0 = off")
+    chosen_sft_steps: int = Field(default(DPOParams, "chosen_sft_steps"), description="SFT optimizer steps on the pairs' chosen side (and the demos, "
+                                  "when anchored) before DPO; that adapter is DPO's start and its reference; 0 = off")
     max_steps: int = Field(default(DPOParams, "max_steps"), description="trl.DPOConfig.max_steps: the budget in optimizer steps, the same whatever "
                            "the number of pairs; 0 = num_train_epochs passes with the min_steps floor")
     num_train_epochs: float = Field(default(DPOParams, "num_train_epochs"), description="passes over the pairs, only when max_steps is 0")

@@ -59,6 +59,7 @@ class DPOParams:
     learning_rate: float = 5e-5  # AdamW peak learning rate (linear decay)
     warmup_steps: int = 0  # optimizer steps of linear warm-up to the peak rate (Adam's first steps are its largest)
     anchor_weight: float = 0.0  # weight of an SFT loss on the expert demos added to every step (see _anchored); 0 = off
+    chosen_sft_steps: int = 0  # SFT steps on the pairs' chosen side before DPO, whose start and reference that is (see _chosen_sft); 0 = off
     max_steps: int = 46  # the budget in optimizer steps, whatever the number of pairs; 0 = num_train_epochs passes (see train_steps)
     num_train_epochs: float = 1.0  # passes over the pairs, only when max_steps is 0
     min_steps: int = 30  # optimizer-step floor of the epoch budget (max_steps 0)
@@ -378,6 +379,28 @@ def _anchored(trainer_cls, anchor: list[dict], params: DPOParams):
     return Anchored
 
 
+def _chosen_sft(base_model: str, start: Path, records: list[dict], anchor: list[dict] | None, scratch: Path,
+                params: DPOParams) -> Path:
+    """`params.chosen_sft_steps` of SFT on the pairs' chosen side (plus the demos, when anchored) from
+    `start`, at DPO's rate and batch: the adapter DPO then starts from and holds as its reference.
+
+    Why: SFT on successes, then DPO, as Zephyr's dSFT -> dDPO and ETO's behaviour cloning -> DPO
+    order it. The pairs' successes first become the policy's own; DPO then adds only what the
+    failures say (benchmarks/results/dpo_checkpoints_random2-0_*from_rft*.json).
+    Lives in DPO's scratch dir: a retry of the same job (the scratch is fingerprinted) reuses it.
+    """
+    out = scratch / "chosen_sft"
+    if (out / "adapter_config.json").is_file():
+        return out
+    sft = SFTParams(learning_rate=params.learning_rate, max_steps=params.chosen_sft_steps, until_expert_match=0.0,
+                    per_device_train_batch_size=params.per_device_train_batch_size,
+                    gradient_accumulation_steps=params.gradient_accumulation_steps, max_length=params.max_length,
+                    seed=params.seed, logging_steps=params.logging_steps, bf16=params.bf16, load_in_4bit=params.load_in_4bit,
+                    gradient_checkpointing=params.gradient_checkpointing, checkpoint_steps=params.checkpoint_steps)
+    data = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records] + list(anchor or [])
+    return train_sft(base_model, data, out, sft, init_adapter_dir=start, scratch_dir=scratch / "chosen_sft.scratch").adapter_dir
+
+
 def build_dpo_trainer(
     base_model: str,
     sft_adapter_dir: Path,
@@ -387,7 +410,8 @@ def build_dpo_trainer(
     on_log: Callable[[dict], None] | None = None,
     anchor: list[dict] | None = None,
 ):
-    """A DPOTrainer whose policy is the SFT adapter (trainable) and whose reference is its frozen copy.
+    """A DPOTrainer whose policy is the SFT adapter (trainable) and whose reference is its frozen copy
+    (with `params.chosen_sft_steps`, the adapter after that SFT on the chosen side: see _chosen_sft).
 
     How TRL 1.16 computes the reference here (dpo_trainer.py): given a PeftModel and neither
     `ref_model` nor `peft_config`, __init__ calls `model.add_adapter("ref", ...)` and copies every
@@ -402,6 +426,8 @@ def build_dpo_trainer(
     if params.anchor_weight > 0 and not anchor:
         raise ValueError(f"DPO anchor_weight is {params.anchor_weight} but no anchor records (the SFT demos) were given; "
                          "pass them, or set anchor_weight 0.")
+    if params.chosen_sft_steps > 0:
+        sft_adapter_dir = _chosen_sft(base_model, sft_adapter_dir, records, anchor, Path(scratch_dir), params)
     model, tokenizer = _trainable_start(base_model, sft_adapter_dir, params)
     config = DPOConfig(
         **_trainer_args(params, Path(scratch_dir), len(records)),

@@ -352,3 +352,26 @@ def test_dpo_anchor_weight_needs_the_demos(sft, tmp_path):
     with pytest.raises(ValueError, match="anchor"):
         train_dpo("tiny-random", sft[0].adapter_dir, DPO_RECORDS, tmp_path / "dpo", replace(DPO, anchor_weight=1.0))
     assert not (tmp_path / "dpo").exists()
+
+
+def test_chosen_sft_steps_is_sft_on_the_chosen_side_then_dpo_from_it(sft, tmp_path):
+    """DPO with `chosen_sft_steps` = SFT on the pairs' chosen answers (+ the anchor demos) from the
+    start adapter, then DPO from that adapter as start and reference; a retry reuses that stage."""
+    start = sft[0].adapter_dir
+    params = replace(DPO, chosen_sft_steps=3, anchor_weight=1.0)
+    both = train_dpo("tiny-random", start, DPO_RECORDS, tmp_path / "both", params, anchor=SFT_RECORDS[:2])
+    by_hand = train_sft("tiny-random", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in DPO_RECORDS] + SFT_RECORDS[:2],
+                        tmp_path / "chosen", SFTParams(learning_rate=DPO.learning_rate, max_steps=3, until_expert_match=0.0,
+                                                       per_device_train_batch_size=DPO.per_device_train_batch_size,
+                                                       logging_steps=DPO.logging_steps), init_adapter_dir=start)
+    then = train_dpo("tiny-random", by_hand.adapter_dir, DPO_RECORDS, tmp_path / "then", replace(params, chosen_sft_steps=0),
+                     anchor=SFT_RECORDS[:2])
+    a, b, s = (load_file(r.adapter_dir / "adapter_model.safetensors") for r in (both, then, sft[0]))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.allclose(a[k], s[k]) for k in a)  # and it trained
+    # A retry of the same job (same scratch) reuses the chosen-side SFT instead of training it again.
+    build_dpo_trainer("tiny-random", start, DPO_RECORDS, tmp_path / "scratch", params, anchor=SFT_RECORDS[:2])
+    stage = tmp_path / "scratch" / "chosen_sft" / "adapter_model.safetensors"
+    written = stage.stat().st_mtime_ns
+    build_dpo_trainer("tiny-random", start, DPO_RECORDS, tmp_path / "scratch", params, anchor=SFT_RECORDS[:2])
+    assert stage.stat().st_mtime_ns == written
