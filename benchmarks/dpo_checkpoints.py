@@ -20,6 +20,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +83,11 @@ def main(argv: list[str] | None = None) -> dict:
            "eval_seeds": [plan.eval[0], plan.eval[-1]], "items_per_task": args.items, "tasks": tasks,
            "start": {"name": args.start_name, "adapter": str(args.sft_adapter)}, "also": dict(also), "policies": {}, "wall": {}}
     base = resolve_model(cfg["resources"]["policy_model"]["config"]["model"])
-    # One folder per (start adapter, DPO settings, seed): probes in one workdir do not overwrite each other.
-    key = hashlib.sha256(json.dumps([str(args.sft_adapter.resolve()), params], sort_keys=True).encode()).hexdigest()[:8]
+    # One folder per (start adapter, DPO settings, seed): probes in one workdir do not overwrite each
+    # other. Settings at DPOParams' defaults are left out, so a new option does not move old folders.
+    defaults = asdict(DPOParams())
+    settings = {k: v for k, v in params.items() if k not in defaults or v != defaults[k]}
+    key = hashlib.sha256(json.dumps([str(args.sft_adapter.resolve()), settings], sort_keys=True).encode()).hexdigest()[:8]
     folder = args.workdir / f"dpo_checkpoints_s{args.seed}_{key}"
 
     from transformers import TrainerCallback
