@@ -25,19 +25,20 @@ from pathlib import Path
 
 import numpy as np
 
-from dpo_assets.configs import EvaluationConfig, PairsConfig, RolloutConfig
-from dpo_assets.presets import op_configs, preset
-from dpo_driver.demos import generate_demos
-from dpo_driver.environment import load_environment
-from dpo_driver.io import atomic_write_text
-from dpo_driver.model import resolve_model
-from dpo_driver.pairs import build_preference_pairs, to_dpo_records
-from dpo_driver.policy import LMPolicy
-from dpo_driver.stats import decide
-from dpo_driver.tasks import SeedPlan
-from dpo_driver.training import DPOParams, build_dpo_trainer, load_policy
-from learning import Clock, _act, _paired_diff, _per_task, _sampling, add_dpo_argument, dpo_config
-from resources import TaskSuite
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: `benchmarks` is not installed
+from benchmarks.learning import Clock, _act, _paired_diff, _per_task, _sampling, add_dpo_argument, dpo_config  # noqa: E402
+from dpo_assets.configs import EvaluationConfig, PairsConfig, RolloutConfig  # noqa: E402
+from dpo_assets.presets import op_configs, preset  # noqa: E402
+from dpo_driver.demos import generate_demos  # noqa: E402
+from dpo_driver.environment import load_environment  # noqa: E402
+from dpo_driver.io import atomic_write_text  # noqa: E402
+from dpo_driver.model import resolve_model  # noqa: E402
+from dpo_driver.pairs import build_preference_pairs, to_dpo_records  # noqa: E402
+from dpo_driver.policy import LMPolicy  # noqa: E402
+from dpo_driver.stats import decide  # noqa: E402
+from dpo_driver.tasks import SeedPlan  # noqa: E402
+from dpo_driver.training import DPOParams, build_dpo_trainer, load_policy  # noqa: E402
+from resources import TaskSuite  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
