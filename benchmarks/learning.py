@@ -43,7 +43,8 @@ from dpo_driver.stats import decide, paired_bootstrap_diff
 from dpo_driver.environment import load_environment
 from dpo_driver.tasks import SeedPlan
 from dpo_driver.tracking import package_versions
-from dpo_driver.training import DPOParams, SFTParams, TrainResult, init_adapter, load_policy, train_dpo, train_kto, train_sft
+from dpo_driver.training import (DPOParams, SFTParams, TrainResult, chosen_records, init_adapter, load_policy, sft_params_like, train_dpo,
+                                 train_kto, train_sft)
 from resources import TaskSuite
 from dpo_driver.validation import Round, round_message, train_until_ready, validate_policy, validation_seeds
 
@@ -83,7 +84,7 @@ def _act(clock: Clock, name: str, policy, env, tasks, seeds, k, sampling, max_st
 
 def rft_records(pairs: pd.DataFrame) -> list[dict]:
     """The RFT control's data: the chosen (successful) action of every pair, nothing from failures."""
-    return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in to_dpo_records(pairs)]
+    return chosen_records(to_dpo_records(pairs))
 
 
 def _per_task(episodes: list[dict], tasks: list[str]) -> dict[str, float]:
@@ -182,10 +183,8 @@ def run(args) -> dict:
     # The control gets DPO's budget: the same steps (or epochs) on the same chosen side, plus the
     # steps DPO's own chosen-side SFT stage takes (chosen_sft_steps) when it has one and counts steps.
     extra = dpo_cfg.get("chosen_sft_steps", 0) if dpo_cfg["max_steps"] else 0
-    rft_params = SFTParams(learning_rate=dpo_cfg["learning_rate"], max_steps=dpo_cfg["max_steps"] + extra,
-                           num_train_epochs=dpo_cfg["num_train_epochs"], min_steps=dpo_cfg["min_steps"],
-                           per_device_train_batch_size=dpo_cfg.get("per_device_train_batch_size", 4),
-                           max_length=dpo_cfg.get("max_length", 512), seed=args.seed)
+    rft_params = sft_params_like(DPOParams(**dpo_cfg), max_steps=dpo_cfg["max_steps"] + extra,
+                                 num_train_epochs=dpo_cfg["num_train_epochs"], min_steps=dpo_cfg["min_steps"])
     rounds, first_pairs, first_episodes = [], None, None
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     eval_eps: dict[str, list[dict]] = {}

@@ -392,13 +392,24 @@ def _chosen_sft(base_model: str, start: Path, records: list[dict], anchor: list[
     out = scratch / "chosen_sft"
     if (out / "adapter_config.json").is_file():
         return out
-    sft = SFTParams(learning_rate=params.learning_rate, max_steps=params.chosen_sft_steps, until_expert_match=0.0,
-                    per_device_train_batch_size=params.per_device_train_batch_size,
-                    gradient_accumulation_steps=params.gradient_accumulation_steps, max_length=params.max_length,
-                    seed=params.seed, logging_steps=params.logging_steps, bf16=params.bf16, load_in_4bit=params.load_in_4bit,
-                    gradient_checkpointing=params.gradient_checkpointing, checkpoint_steps=params.checkpoint_steps)
-    data = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records] + list(anchor or [])
-    return train_sft(base_model, data, out, sft, init_adapter_dir=start, scratch_dir=scratch / "chosen_sft.scratch").adapter_dir
+    sft = sft_params_like(params, max_steps=params.chosen_sft_steps)
+    return train_sft(base_model, chosen_records(records) + list(anchor or []), out, sft, init_adapter_dir=start,
+                     scratch_dir=scratch / "chosen_sft.scratch").adapter_dir
+
+
+def chosen_records(records: list[dict]) -> list[dict]:
+    """Preference records' chosen side as SFT (prompt, completion) records: what RFT trains on."""
+    return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records]
+
+
+def sft_params_like(params: DPOParams, **budget) -> SFTParams:
+    """SFT at a DPO run's learning rate, batch, length, seed and precision; `budget` sets the steps
+    (max_steps, or num_train_epochs/min_steps). The chosen-side stage and the RFT control use it."""
+    return SFTParams(learning_rate=params.learning_rate, until_expert_match=0.0,
+                     per_device_train_batch_size=params.per_device_train_batch_size,
+                     gradient_accumulation_steps=params.gradient_accumulation_steps, max_length=params.max_length,
+                     seed=params.seed, logging_steps=params.logging_steps, bf16=params.bf16, load_in_4bit=params.load_in_4bit,
+                     gradient_checkpointing=params.gradient_checkpointing, checkpoint_steps=params.checkpoint_steps, **budget)
 
 
 def build_dpo_trainer(
