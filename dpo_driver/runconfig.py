@@ -83,8 +83,13 @@ DEFAULT = {
         # anchor_weight 1.0 (not tuned: the first value tried) adds the SFT loss on the demos to every
         # step. Tool use: DPO on 70 pairs took SFT's 44% to 6% without it, 38% with it; MiniWoB's
         # default suite lost nothing (+47.5 [+41.5, +53.5] both ways on held-out offset 3000).
+        # chosen_sft_steps 46 (DPO's own budget, not tuned): SFT on the pairs' successes first, then DPO
+        # from and against that adapter. Off the default suite the RFT control beat DPO (random2-0
+        # -5.6, SQL -10.8); with the stage DPO beat RFT trained as long on random2-0 (two seeds, probes),
+        # SQL (probe) and a fresh draw, random3-0 (+4.7 [+0.7, +8.7], the whole loop), and tied it
+        # here (+1.0 [-2.5, +4.5]; DPO - SFT +46.0 vs +47.5 without).
         "dpo_adapter": {"config": {"beta": 0.5, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-4,
-                                   "anchor_weight": 1.0}},
+                                   "anchor_weight": 1.0, "chosen_sft_steps": 46}},
         "evaluation_report": {"config": {}},
         # Production default is 1,000 pairs; a CPU round yields tens. enter-text pages differ only by
         # a name from a small pool, so held-out pages recur word for word among training seeds (13
@@ -97,9 +102,11 @@ DEFAULT = {
         # term) measured 0.19 on MiniWoB trained on all pairs (0.17 on 90% of them): its answers are
         # ~10 tokens, so changing one decision moves a couple of tokens by several nats. The seed's
         # 0.1 would block the README run; 0.25 is set from those measurements (a guardrail against
-        # runaway drift, not a tuned value). The production default (DPOGateConfig) stays 0.1.
+        # runaway drift, not a tuned value). With chosen_sft_steps the policy DPO returns is SFT on the
+        # successes plus DPO, measured against the SFT adapter it replaces: 0.2445 on this suite, so
+        # the bound keeps the same ~25% headroom over it: 0.3. The production default (DPOGateConfig) stays 0.1.
         # Preference accuracy keeps the production threshold (0.7) on the pair-validation seeds' pairs.
-        "dpo_adapter_gates": {"config": {"max_kl": 0.25}},
+        "dpo_adapter_gates": {"config": {"max_kl": 0.3}},
     },
 }
 
