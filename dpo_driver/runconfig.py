@@ -86,7 +86,8 @@ DEFAULT = {
         # chosen_sft_steps 46 (DPO's own budget, not tuned): SFT on the pairs' successes first, then DPO
         # from and against that adapter. Off the default suite the RFT control beat DPO (random2-0
         # -5.6, SQL -10.8); with the stage DPO beat RFT trained as long on random2-0 (two seeds, probes),
-        # SQL (probe) and, through the whole loop, tied or beat it on a fresh draw, random3-0 (two seeds:
+        # SQL (whole loop, fresh items: +8.8 [+4.8, +12.8], DPO - SFT +21.2) and, through the whole loop,
+        # tied or beat it on a fresh draw, random3-0 (two seeds:
         # +2.0 [-1.0, +5.0], where plain DPO had trailed RFT by 5.6 on random2-0) and here (+1.0
         # [-2.5, +4.5]; DPO - SFT +46.0 vs +47.5 without). Its open cost: in the README DAG run click-tab
         # retention fell to 0% (62% without the stage), so promotion is still refused there.
