@@ -1,7 +1,13 @@
-"""Greedy held-out success of one adapter on every supported MiniWoB task (the suites protocol's
-full-set seeds: 20 per task from offset 3000). Prints and writes JSON with its command.
+"""Greedy held-out success of one or more adapters on MiniWoB tasks, paired with the first.
 
-    .venv/bin/python benchmarks/eval_adapter.py ADAPTER_DIR NAME [--json PATH]
+Each `NAME=DIR` adapter plays the same (task, seed) items: every supported task by default,
+`--exclude` drops some (e.g. the suite an adapter was trained on, so what is left measures
+retention on tasks the round never saw), `--tasks` picks them. Seeds: `--eval-seeds` per task
+from `--eval-offset` into the evaluation band. The adapters after the first get their paired
+bootstrap difference to it (stratified by task). Prints a table and writes JSON with its command.
+
+    .venv/bin/python benchmarks/eval_adapter.py sft=/tmp/run/sft_r0 dpo=/tmp/run/dpo_r1 \
+        --exclude click-button,click-link,click-widget,enter-text --eval-seeds 6 --json out.json
 """
 
 from __future__ import annotations
@@ -13,38 +19,88 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: `benchmarks` is not installed
+from benchmarks.learning import _paired_diff, _per_task  # noqa: E402
+from dpo_driver.environment import load_environment  # noqa: E402
+from dpo_driver.families.miniwob import SUPPORTED_TASKS  # noqa: E402
+from dpo_driver.io import atomic_write_text  # noqa: E402
+from dpo_driver.model import resolve_model  # noqa: E402
+from dpo_driver.policy import LMPolicy, Sampling  # noqa: E402
+from dpo_driver.rollouts import run_episodes  # noqa: E402
+from dpo_driver.stats import decide  # noqa: E402
+from dpo_driver.tasks import SeedPlan  # noqa: E402
+from dpo_driver.training import load_policy  # noqa: E402
 
-from dpo_driver.environment import load_environment
-from dpo_driver.families.miniwob import SUPPORTED_TASKS
-from dpo_driver.model import resolve_model
-from dpo_driver.policy import LMPolicy, Sampling
-from dpo_driver.rollouts import run_episodes
-from dpo_driver.tasks import SeedPlan
-from dpo_driver.training import load_policy
+
+def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
+    """NAME=DIR pairs, each DIR a saved adapter; a clear error otherwise."""
+    pairs = [tuple(s.split("=", 1)) for s in specs]
+    bad = [s for s, p in zip(specs, pairs) if len(p) != 2 or not p[0] or not (Path(p[1]) / "adapter_config.json").is_file()]
+    if bad:
+        raise SystemExit(f"adapters are NAME=DIR with a saved adapter (adapter_config.json) in DIR: {bad}")
+    names = [p[0] for p in pairs]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"adapter names must differ: {names}")
+    return [(n, Path(d)) for n, d in pairs]
+
+
+def select_tasks(tasks: str, exclude: str) -> list[str]:
+    """The supported tasks to play: `tasks` (comma-separated; empty = all) minus `exclude`."""
+    chosen = [t for t in tasks.split(",") if t] or list(SUPPORTED_TASKS)
+    dropped = {t for t in exclude.split(",") if t}
+    unknown = sorted((set(chosen) | dropped) - set(SUPPORTED_TASKS))
+    if unknown:
+        raise SystemExit(f"not supported MiniWoB tasks: {unknown}")
+    left = [t for t in chosen if t not in dropped]
+    if not left:
+        raise SystemExit("no task left to play after --exclude")
+    return left
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("adapter")
-    ap.add_argument("name")
+    ap.add_argument("adapters", nargs="+", metavar="NAME=DIR", help="the first is the baseline the others are paired with")
+    ap.add_argument("--tasks", default="", help="comma-separated supported tasks (empty = all)")
+    ap.add_argument("--exclude", default="", help="comma-separated tasks to leave out (e.g. the training suite)")
     ap.add_argument("--eval-seeds", type=int, default=20)
     ap.add_argument("--eval-offset", type=int, default=3000)
-    ap.add_argument("--json", default="")
+    ap.add_argument("--model", default="smollm2-135m", help="the base model the adapters were trained on")
+    ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    adapters = parse_adapters(args.adapters)
+    tasks = select_tasks(args.tasks, args.exclude)
     env = load_environment("miniwob")
     plan = SeedPlan.build(5, 20, args.eval_seeds, eval_offset=args.eval_offset)
-    t0 = time.time()
-    model, tokenizer = load_policy(resolve_model("smollm2-135m"), Path(args.adapter))
-    episodes = run_episodes(LMPolicy(model, tokenizer, env), env, list(SUPPORTED_TASKS), list(plan.eval), 1,
-                            Sampling(temperature=0.0, max_new_tokens=env.max_new_tokens), None, policy_name=args.name)
-    per = pd.DataFrame(episodes).groupby("task")["success"].mean()
-    out = {"command": " ".join(shlex.quote(a) for a in sys.argv), "adapter": args.adapter, "name": args.name,
-           "seeds": [plan.eval[0], plan.eval[-1]], "mean": float(per.mean()), "per_task": per.round(3).to_dict(),
-           "wall_s": round(time.time() - t0, 1)}
-    print(json.dumps(out, indent=1))
+    base = resolve_model(args.model)
+    out = {"command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+           "tasks": tasks, "seeds": [plan.eval[0], plan.eval[-1]], "baseline": adapters[0][0], "adapters": {}}
+    episodes_of: dict[str, list[dict]] = {}
+    for name, adapter in adapters:
+        t0 = time.time()
+        model, tokenizer = load_policy(base, adapter)
+        eps = episodes_of[name] = run_episodes(LMPolicy(model, tokenizer, env), env, tasks, list(plan.eval), 1,
+                                               Sampling(temperature=0.0, max_new_tokens=env.max_new_tokens), None, policy_name=name)
+        per = _per_task(eps, tasks)
+        row = {"adapter": str(adapter), "mean": round(sum(per.values()) / len(per), 4), "per_task": per,
+               "env_errors": sum(bool(e["env_error"]) for e in eps), "wall_s": round(time.time() - t0, 1),
+               "by_item": {f"{e['task']}/{e['seed']}": float(e["success"]) for e in eps if not e["env_error"]}}
+        if name != adapters[0][0]:
+            d, lo, hi = _paired_diff(episodes_of[adapters[0][0]], eps, seed=0)
+            row["minus_baseline_points"] = [round(100 * d, 1), round(100 * lo, 1), round(100 * hi, 1)]
+            row["decision"] = decide(d, lo, hi)
+        out["adapters"][name] = row
+        del model
+    print(f"{len(tasks)} tasks x {args.eval_seeds} seeds from {plan.eval[0]}")
+    print("| task | " + " | ".join(n for n, _ in adapters) + " |")
+    print("|---|" + "---:|" * len(adapters))
+    for t in tasks:
+        print(f"| {t} | " + " | ".join(f"{100 * out['adapters'][n]['per_task'][t]:.0f}%" for n, _ in adapters) + " |")
+    print("| mean | " + " | ".join(f"{100 * out['adapters'][n]['mean']:.1f}%" for n, _ in adapters) + " |")
+    for name, row in out["adapters"].items():
+        if "minus_baseline_points" in row:
+            print(f"{name} - {adapters[0][0]}: {'{:+.1f} [{:+.1f}, {:+.1f}]'.format(*row['minus_baseline_points'])} points ({row['wall_s']} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
     return out
 
 

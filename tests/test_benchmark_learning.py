@@ -52,3 +52,20 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
         d, lo, hi = got["policies"][name]["minus_start_points"]
         assert lo <= d <= hi
     assert json.loads((tmp_path / "probe.json").read_text())["start"] == {"name": "rft", "adapter": str(work / "rft_r1")}
+
+    # Retention-style evaluation of that run's adapters on a task outside the suite, paired with SFT.
+    from benchmarks.eval_adapter import main as evaluate
+
+    with pytest.raises(SystemExit, match="not supported"):
+        evaluate([f"sft={sft}", "--tasks", "no-such-task", "--model", "tiny-random"])
+    with pytest.raises(SystemExit, match="no task left"):
+        evaluate([f"sft={sft}", "--tasks", "click-tab", "--exclude", "click-tab", "--model", "tiny-random"])
+    with pytest.raises(SystemExit, match="NAME=DIR"):
+        evaluate([f"sft={tmp_path}", "--model", "tiny-random"])
+    ev = evaluate([f"sft={sft}", f"dpo={work / 'dpo_r1'}", "--tasks", "click-tab,click-link", "--exclude", "click-link",
+                   "--eval-seeds", "2", "--model", "tiny-random", "--json", str(tmp_path / "eval.json")])
+    assert ev["tasks"] == ["click-tab"] and list(ev["adapters"]) == ["sft", "dpo"]
+    assert len(ev["adapters"]["dpo"]["by_item"]) == 2 and "minus_baseline_points" not in ev["adapters"]["sft"]
+    d, lo, hi = ev["adapters"]["dpo"]["minus_baseline_points"]
+    assert lo <= d <= hi
+    assert json.loads((tmp_path / "eval.json").read_text())["adapters"]["dpo"]["per_task"].keys() == {"click-tab"}
