@@ -89,8 +89,9 @@ DEFAULT = {
         # SQL (whole loop, fresh items: +8.8 [+4.8, +12.8], DPO - SFT +21.2) and, through the whole loop,
         # tied or beat it on a fresh draw, random3-0 (two seeds:
         # +2.0 [-1.0, +5.0], where plain DPO had trailed RFT by 5.6 on random2-0) and here (+1.0
-        # [-2.5, +4.5]; DPO - SFT +46.0 vs +47.5 without). Its open cost: in the README DAG run click-tab
-        # retention fell to 0% (62% without the stage), so promotion is still refused there.
+        # [-2.5, +4.5]; DPO - SFT +46.0 vs +47.5 without). Its open cost is breadth: in the README DAG run
+        # click-tab retention fell to 0% (62% without the stage), and on 9 unseen tasks where SFT works
+        # DPO kept 41% of SFT's 77% (68% without the stage; benchmarks/results/retention_default_suite.json).
         "dpo_adapter": {"config": {"beta": 0.5, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-4,
                                    "anchor_weight": 1.0, "chosen_sft_steps": 46}},
         "evaluation_report": {"config": {}},
