@@ -89,9 +89,10 @@ DEFAULT = {
         # SQL (whole loop, fresh items: +8.8 [+4.8, +12.8], DPO - SFT +21.2) and, through the whole loop,
         # tied or beat it on a fresh draw, random3-0 (two seeds:
         # +2.0 [-1.0, +5.0], where plain DPO had trailed RFT by 5.6 on random2-0) and here (+1.0
-        # [-2.5, +4.5]; DPO - SFT +46.0 vs +47.5 without). Its open cost is breadth: in the README DAG run
-        # click-tab retention fell to 0% (62% without the stage), and on 9 unseen tasks where SFT works
-        # DPO kept 41% of SFT's 77% (68% without the stage; benchmarks/results/retention_default_suite.json).
+        # [-2.5, +4.5]; DPO - SFT +46.0 vs +47.5 without). Off the suite DPO loses neighbouring skills either
+        # way, and which variant loses more depends on the suite: on unseen tasks where SFT works, here 41%
+        # vs SFT's 77% (68% without the stage), on random2-0 66% vs 74% (55% without) (benchmarks/results/
+        # retention_*.json). In the README DAG run click-tab retention was 0% (62% without): not promoted.
         "dpo_adapter": {"config": {"beta": 0.5, "loss_type": ["sigmoid", "sft"], "learning_rate": 1e-4,
                                    "anchor_weight": 1.0, "chosen_sft_steps": 46}},
         "evaluation_report": {"config": {}},
