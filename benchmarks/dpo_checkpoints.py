@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: `benchmarks` is not installed
+from benchmarks.eval_adapter import parse_adapters  # noqa: E402
 from benchmarks.learning import Clock, _act, _paired_diff, _per_task, _sampling, add_dpo_argument, dpo_config  # noqa: E402
 from dpo_assets.configs import EvaluationConfig, PairsConfig, RolloutConfig  # noqa: E402
 from dpo_assets.presets import op_configs, preset  # noqa: E402
@@ -60,10 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     steps = sorted({int(s) for s in args.steps.split(",")})
-    also = [tuple(a.split("=", 1)) for a in args.also]
-    bad = [a for a, t in zip(args.also, also) if len(t) != 2 or not (Path(t[1]) / "adapter_config.json").is_file()]
-    if bad:
-        raise SystemExit(f"--also wants NAME=DIR with a saved adapter in DIR: {bad}")
+    also = parse_adapters(args.also)
+    if args.start_name in dict(also):
+        raise SystemExit(f"--also name {args.start_name!r} is the start adapter's (--start-name)")
 
     cfg = preset(args.preset)
     ops = op_configs(cfg)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
            "environment": env.name, "dpo": params, "pairs": len(pairs), "pairs_by_task": pairs.groupby("task").size().to_dict(),
            "pairs_sha256": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(),
            "eval_seeds": [plan.eval[0], plan.eval[-1]], "items_per_task": args.items, "tasks": tasks,
-           "start": {"name": args.start_name, "adapter": str(args.sft_adapter)}, "also": dict(also), "policies": {}, "wall": {}}
+           "start": {"name": args.start_name, "adapter": str(args.sft_adapter)}, "also": {n: str(d) for n, d in also}, "policies": {}, "wall": {}}
     base = resolve_model(cfg["resources"]["policy_model"]["config"]["model"])
     # One folder per (start adapter, DPO settings, seed): probes in one workdir do not overwrite each
     # other. Settings at DPOParams' defaults are left out, so a new option does not move old folders.

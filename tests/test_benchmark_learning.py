@@ -44,6 +44,9 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     sft = sorted(work.glob("sft_r*"))[-1]  # the last SFT round
     with pytest.raises(SystemExit, match="NAME=DIR"):  # before any training
         probe(["--preset", "tiny", "--workdir", str(work), "--sft-adapter", str(work / "rft_r1"), "--also", f"sft={tmp_path}"])
+    with pytest.raises(SystemExit, match="start adapter"):  # two policies may not share a name in the table
+        probe(["--preset", "tiny", "--workdir", str(work), "--sft-adapter", str(work / "rft_r1"), "--start-name", "rft",
+               "--also", f"rft={sft}"])
     got = probe(["--preset", "tiny", "--workdir", str(work), "--sft-adapter", str(work / "rft_r1"), "--start-name", "rft",
                  "--also", f"sft={sft}", "--steps", "1", "--items", "1", "--json", str(tmp_path / "probe.json")])
     assert got["tasks"] == ["click-tab", "enter-text"]  # the rollouts' suite
