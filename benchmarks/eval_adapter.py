@@ -83,6 +83,11 @@ def main(argv=None) -> dict:
         per = _per_task(eps, tasks)
         row = {"adapter": str(adapter), "mean": round(sum(per.values()) / len(per), 4), "per_task": per,
                "env_errors": sum(bool(e["env_error"]) for e in eps), "wall_s": round(time.time() - t0, 1),
+               # a lost skill can be a wrong action or a malformed answer (format drift): say which
+               "malformed": sum(bool(e["invalid"]) for e in eps),
+               "malformed_per_task": {t: sum(bool(e["invalid"]) for e in eps if e["task"] == t) for t in tasks},
+               "malformed_examples": [[e["task"], next(st["output"] for st in e["steps"] if not st["valid"])]
+                                      for e in eps if e["invalid"]][:5],
                "by_item": {f"{e['task']}/{e['seed']}": float(e["success"]) for e in eps if not e["env_error"]}}
         if name != adapters[0][0]:
             d, lo, hi = _paired_diff(episodes_of[adapters[0][0]], eps, seed=0)
@@ -99,6 +104,8 @@ def main(argv=None) -> dict:
     for name, row in out["adapters"].items():
         if "minus_baseline_points" in row:
             print(f"{name} - {adapters[0][0]}: {'{:+.1f} [{:+.1f}, {:+.1f}]'.format(*row['minus_baseline_points'])} points ({row['wall_s']} s)")
+    for name, row in out["adapters"].items():
+        print(f"{name}: {row['malformed']} of {len(tasks) * args.eval_seeds} episodes end on a malformed answer {row['malformed_examples'][:2]}")
     if args.json:
         atomic_write_text(args.json, json.dumps(out, indent=1) + "\n")
     return out

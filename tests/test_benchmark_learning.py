@@ -69,6 +69,9 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
                    "--eval-seeds", "2", "--model", "tiny-random", "--json", str(tmp_path / "eval.json")])
     assert ev["tasks"] == ["click-tab"] and list(ev["adapters"]) == ["sft", "dpo"]
     assert len(ev["adapters"]["dpo"]["by_item"]) == 2 and "minus_baseline_points" not in ev["adapters"]["sft"]
+    for row in ev["adapters"].values():  # malformed answers are counted per task, with the answers themselves
+        assert sum(row["malformed_per_task"].values()) == row["malformed"] == len(row["malformed_examples"]) <= 2
+        assert all(task == "click-tab" and isinstance(out, str) for task, out in row["malformed_examples"])
     d, lo, hi = ev["adapters"]["dpo"]["minus_baseline_points"]
     assert lo <= d <= hi
     assert json.loads((tmp_path / "eval.json").read_text())["adapters"]["dpo"]["per_task"].keys() == {"click-tab"}
