@@ -220,6 +220,9 @@ class Retention:
     diff_points: float
     ci_points: tuple[float, float]
     min_ratio: float
+    # (baseline, candidate) episodes ending on an answer the family rejects: a skill lost to a wrong
+    # choice and one lost to a malformed answer (format drift) call for different fixes
+    malformed: tuple[int, int] | None = None
 
     @property
     def ratio(self) -> float:
@@ -232,7 +235,8 @@ class Retention:
     def line(self) -> str:
         return (f"retention on {', '.join(self.tasks)} ({self.n} episodes): {100 * self.candidate:.0f}% vs {100 * self.baseline:.0f}%, "
                 f"{self.ratio:.0%} of the baseline (needs {self.min_ratio:.0%}); difference {_pts(self.diff_points)} "
-                f"[{_pts(self.ci_points[0])}, {_pts(self.ci_points[1])}] points")
+                f"[{_pts(self.ci_points[0])}, {_pts(self.ci_points[1])}] points"
+                + (f"; answers the environment rejected: {self.malformed[1]} vs {self.malformed[0]}" if self.malformed else ""))
 
 
 def retention(episodes: pd.DataFrame, baseline: str, candidate: str, min_ratio: float = 0.95, confidence: float = 0.95,
@@ -244,8 +248,12 @@ def retention(episodes: pd.DataFrame, baseline: str, candidate: str, min_ratio: 
     tasks = wide.index.get_level_values("task")
     d, lo, hi = paired_bootstrap_diff(wide[baseline], wide[candidate], strata=tasks, n_boot=n_boot, confidence=confidence, seed=seed)
     means = wide.groupby(level="task").mean()
+    malformed = None
+    if "invalid" in episodes.columns:
+        bad = episodes["invalid"].fillna(False).astype(bool)
+        malformed = tuple(int(bad[episodes["policy"] == p].sum()) for p in (baseline, candidate))
     return Retention(sorted(set(tasks)), len(wide), float(means[baseline].mean()), float(means[candidate].mean()),
-                     100 * d, (100 * lo, 100 * hi), min_ratio)
+                     100 * d, (100 * lo, 100 * hi), min_ratio, malformed)
 
 
 def with_retention(decision: str, kept: Retention | None) -> str:

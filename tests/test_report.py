@@ -169,6 +169,10 @@ def test_retention_blocks_a_promotion_that_loses_held_out_skill():
     assert same.passed and with_retention("promote", same) == "promote"
     never = retention(pd.DataFrame([{**r, "success": False} for r in rows]), "sft", "dpo", n_boot=2000)
     assert never.ratio == 1.0 and never.passed  # nothing to lose where the baseline never succeeds
+    assert kept.malformed is None and "rejected" not in kept.line()  # episodes without the flag: nothing claimed
+    # The line says whether the loss is malformed answers: here dpo's failures are, sft's are not.
+    flagged = retention(pd.DataFrame([{**r, "invalid": r["policy"] == "dpo" and not r["success"]} for r in rows]), "sft", "dpo", n_boot=2000)
+    assert flagged.malformed == (0, 12) and "answers the environment rejected: 12 vs 0" in flagged.line()
 
 
 def test_a_crashed_item_is_dropped_for_every_policy():
