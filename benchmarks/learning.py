@@ -69,8 +69,8 @@ class Clock:
 def _sampling(cfg: dict, greedy: bool, env) -> Sampling:
     tokens = cfg["max_new_tokens"] or env.max_new_tokens
     if greedy:
-        return Sampling(temperature=0.0, max_new_tokens=tokens, batch_size=cfg["batch_size"])
-    return Sampling(cfg["temperature"], cfg["top_k"], cfg["top_p"], tokens, cfg["batch_size"], cfg["strategy"])
+        return Sampling(temperature=0.0, max_new_tokens=tokens, batch_size=cfg["batch_size"], constrained=cfg["constrained"])
+    return Sampling(cfg["temperature"], cfg["top_k"], cfg["top_p"], tokens, cfg["batch_size"], cfg["strategy"], cfg["constrained"])
 
 
 def _act(clock: Clock, name: str, policy, env, tasks, seeds, k, sampling, max_steps) -> list[dict]:
@@ -132,6 +132,8 @@ def run(args) -> dict:
     dpo_cfg = dpo_config(ops, args.dpo, args.seed)
     roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
+    if args.constrained:  # rollouts and evaluation, every arm alike
+        roll_cfg["constrained"] = eval_cfg["constrained"] = True
     gate_cfgs = DPOGateConfig(**ops.get("dpo_adapter_gates", {})).model_dump()
     pair_cfg = PairsConfig(**ops["preference_pairs"])  # the asset's own config class: same defaults
     pair_params, weights = pair_cfg.pair_params(), pair_cfg.score_weights(env)
@@ -318,6 +320,7 @@ def run(args) -> dict:
                      "eval": [plan.eval[0], plan.eval[-1]],
                      "pair_validation": [plan.pair_validation[0], plan.pair_validation[-1]] if plan.pair_validation else []}}
     out["dpo_config"] = dpo_cfg  # the preset's, with any --dpo overrides
+    out["constrained"] = {"rollouts": roll_cfg["constrained"], "evaluation": eval_cfg["constrained"]}
     for t in tasks:
         row = {p: round(report.table.loc[t, f"{p}_rate"], 4) for p in ("sft", "dpo", "rft", "random") if f"{p}_rate" in report.table}
         row["n"] = int(report.table.loc[t, "sft_n"])
@@ -438,6 +441,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--sft-adapter", default="", help="skip SFT: start from this adapter (an earlier run's SFT stage, trained "
                     "with the same preset, suite and seed; its wall time is not in this run's)")
     add_dpo_argument(ap)
+    ap.add_argument("--constrained", action="store_true", help="rollouts and evaluation decode held to the state's actions "
+                    "(Sampling.constrained), whatever the preset says")
     ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)

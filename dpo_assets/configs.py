@@ -48,6 +48,9 @@ class RolloutConfig(dg.Config):
     strategy: str = Field(default(Sampling, "strategy"), description="'sample': K i.i.d. samples per state; 'verbs': K samples split over the verbs the "
                           "page allows, each distinct one played out greedily, and later states of successes branched the same way; 'candidates': "
                           "'verbs' plus every action the page offers (each element clicked, each quoted task string typed)")
+    constrained: bool = Field(default(Sampling, "constrained"), description="hold every answer to the actions the state accepts "
+                              "(Environment.answer_space; MiniWoB: each listed element's click or select, and type of free text into a text "
+                              "field): no malformed answers, the choice stays the policy's; families without an answer space decode freely")
     max_new_tokens: int = Field(0, description="tokens generated per action; 0 = the family's (Environment.max_new_tokens)")
     max_steps: int = Field(0, description="steps before an episode is cut off as a failure; 0 = the task's own limit "
                            "(Environment.max_steps; MiniWoB: its expert's longest episode plus slack)")
@@ -114,6 +117,9 @@ class EvaluationConfig(dg.Config):
     max_steps: int = Field(0, description="steps before an episode is cut off as a failure; 0 = the task's own limit "
                            "(Environment.max_steps; MiniWoB: its expert's longest episode plus slack)")
     batch_size: int = Field(16, description="prompts per generate() call")
+    constrained: bool = Field(default(Sampling, "constrained"), description="hold every answer to the actions the state accepts "
+                              "(Environment.answer_space; MiniWoB: each listed element's click or select, and type of free text into a text "
+                              "field): no malformed answers, the choice stays the policy's; families without an answer space decode freely")
     confidence: float = Field(0.95, description="level of every reported interval")
     n_boot: int = Field(10000, description="paired bootstrap resamples for the DPO - SFT difference")
     min_retention: float = Field(0.95, description="promote also needs DPO to keep this share of the baseline's success on "

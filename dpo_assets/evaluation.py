@@ -36,7 +36,8 @@ def evaluation_report(
     """
     env = environment.get()
     tasks, plan = task_suite.task_list(env), task_suite.plan()  # plan: asserts eval seeds are disjoint from demo and rollout seeds
-    greedy = Sampling(temperature=0.0, max_new_tokens=config.max_new_tokens or env.max_new_tokens, batch_size=config.batch_size)
+    greedy = Sampling(temperature=0.0, max_new_tokens=config.max_new_tokens or env.max_new_tokens, batch_size=config.batch_size,
+                      constrained=config.constrained)
     arms = evaluation_arms(sft_adapter, dpo_adapter)
     # Capability retention: the compared arms also play tasks the round never trained on.
     episodes, kept_eps = evaluate_arms(lambda adapter: LMPolicy(*policy_model.load(adapter), env), arms.adapters, env, tasks, list(plan.eval),

@@ -37,7 +37,7 @@ def rollout_trajectories(
     source = f"logged traces {config.traces_path}" if config.traces_path else f"{len(tasks)} tasks x {len(seeds)} seeds x K={config.samples_per_seed}"
     context.log.info(f"rollouts act with {acting.label} ({acting.adapter_dir}): {source}")
     sampling = Sampling(config.temperature, config.top_k, config.top_p, config.max_new_tokens or env.max_new_tokens, config.batch_size,
-                        config.strategy)
+                        config.strategy, config.constrained)
     with stage(context, "rollouts", "rollout_trajectories", {**config.model_dump(), "tasks": tasks, "num_seeds": len(seeds), "pair_validation_seeds": len(plan.pair_validation),
                                                              "sft_run_id": sft_adapter.mlflow_run_id, "acting_policy": acting.label},
                tracker, artifact_store, env.name) as st:

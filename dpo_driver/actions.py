@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from dpo_driver.constrained import AnswerSpace, Slot
 from dpo_driver.observation import Element
 
 VERBS = ("click", "type", "select")
@@ -97,3 +98,12 @@ def candidate_actions(utterance: str, elements: list[Element] | tuple[Element, .
         else:
             out.append(Action("click", e.kind, e.text, e.nth))
     return list(dict.fromkeys(out))
+
+
+def answer_space(elements: list[Element] | tuple[Element, ...]) -> AnswerSpace:
+    """The answers that act on this page, for constrained decoding: each click and select of
+    `candidate_actions` the grammar can spell, and `type` of any text into each text field kind."""
+    fixed = [a.render() for a in candidate_actions("", elements) if a.verb != "type"]
+    slots = [Slot(f'type {kind} "', suffixes=("",) + tuple(f" #{e.nth}" for e in elements if e.kind == kind and e.nth))
+             for kind in TEXT_KINDS if any(e.kind == kind for e in elements)]
+    return AnswerSpace(tuple(a for a in fixed if parse_action(a) is not None), tuple(slots))

@@ -19,7 +19,10 @@ import importlib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from dpo_driver.constrained import AnswerSpace
 
 
 class EnvCrashed(RuntimeError):
@@ -119,6 +122,11 @@ class Environment(ABC):
     def candidates(self, observation: Any) -> list[str]:
         """Every action worth trying in this state (exploration, and the random baseline)."""
         return []
+
+    def answer_space(self, observation: Any) -> AnswerSpace | None:
+        """The answers this state accepts, for constrained decoding (Sampling.constrained); None =
+        free decoding. It should accept exactly what `parse` accepts and the state can act on."""
+        return None
 
     def decontamination_text(self, prompt: str) -> str:
         """The part of a prompt that decontamination compares with held-out prompts."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from typing import Any
 
+from dpo_driver.constrained import AnswerConstraint, AnswerSpace, Vocab
 from dpo_driver.environment import Environment
 
 
@@ -23,6 +24,9 @@ class Sampling:
     # prefix (see LMPolicy._propose_per_verb). "candidates": the "verbs" samples plus every action
     # the state offers (Environment.candidates).
     strategy: str = "sample"
+    # Mask every token that would leave the answers the state accepts (Environment.answer_space;
+    # dpo_driver.constrained): answers are always well-formed actions, the choice stays the policy's.
+    constrained: bool = False
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -60,6 +64,7 @@ class LMPolicy:
     tokenizer: object
     env: Environment | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
+    _vocab: Vocab | None = field(default=None, repr=False)  # built on the first constrained call
 
     def propose(self, prompts: list[str], observations: list[Any], num_samples: int, sampling: Sampling, seed: int) -> list[list[str]]:
         if sampling.explores and sampling.temperature > 0 and num_samples > 1:
@@ -72,7 +77,8 @@ class LMPolicy:
         for i in range(0, len(prompts), sampling.batch_size):
             chunk = [self._chat(p) for p in prompts[i : i + sampling.batch_size]]
             per = 1 if greedy else num_samples
-            decoded = [self._answer(t) for t in self._generate(chunk, per, sampling, seed + i)]
+            spaces = self._spaces(observations[i : i + sampling.batch_size], sampling)
+            decoded = [self._answer(t) for t in self._generate(chunk, per, sampling, seed + i, spaces)]
             for j in range(len(chunk)):
                 answers = decoded[j * per : (j + 1) * per]
                 outs.append(answers * num_samples if greedy else answers)
@@ -95,7 +101,9 @@ class LMPolicy:
         for per, group in sorted(groups.items()):
             for i in range(0, len(group), sampling.batch_size):
                 chunk = group[i : i + sampling.batch_size]
-                decoded = self._generate([self._chat(prompts[j]) + verb for j, verb in chunk], per, sampling, seed + i)
+                spaces = self._spaces([observations[j] for j, _ in chunk], sampling)
+                decoded = self._generate([self._chat(prompts[j]) + verb for j, verb in chunk], per, sampling, seed + i,
+                                         spaces, [verb for _, verb in chunk])
                 for n, (j, verb) in enumerate(chunk):
                     outs[j] += [self._answer(verb + d) for d in decoded[n * per : (n + 1) * per]]
         return outs
@@ -110,9 +118,17 @@ class LMPolicy:
     def _chat(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
 
-    def _generate(self, texts: list[str], per: int, sampling: Sampling, seed: int) -> list[str]:
-        """`per` raw continuations of each text, in text order."""
+    def _spaces(self, observations: list[Any], sampling: Sampling) -> list[AnswerSpace | None] | None:
+        if not (sampling.constrained and self.env is not None):
+            return None
+        return [self.env.answer_space(obs) for obs in observations]
+
+    def _generate(self, texts: list[str], per: int, sampling: Sampling, seed: int,
+                  spaces: list[AnswerSpace | None] | None = None, heads: list[str] | None = None) -> list[str]:
+        """`per` raw continuations of each text, in text order; held to `spaces` (one per text, the
+        answer's start `heads`) when given."""
         import torch
+        from transformers import LogitsProcessorList
 
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
@@ -121,6 +137,8 @@ class LMPolicy:
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None,
                           top_p=sampling.top_p, num_return_sequences=per)
+        if spaces is not None and any(sp is not None for sp in spaces):
+            kwargs["logits_processor"] = LogitsProcessorList([self._constraint(spaces, heads or [""] * len(texts), kwargs["num_return_sequences"])])
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -134,6 +152,14 @@ class LMPolicy:
         self.stats.prompt_tokens += int(enc["attention_mask"].sum())
         self.stats.new_tokens += int((new != self.tokenizer.pad_token_id).sum())
         return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def _constraint(self, spaces: list[AnswerSpace | None], heads: list[str], per: int) -> AnswerConstraint:
+        if self._vocab is None:
+            size = max(len(self.tokenizer), self.model.config.vocab_size)
+            self._vocab = Vocab(self.tokenizer, size)
+        eos = self.model.generation_config.eos_token_id
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos if eos is not None else self.tokenizer.eos_token_id,)
+        return AnswerConstraint(self._vocab, spaces, heads, per, eos)
 
     def _sample_shared_prefill(self, enc, k: int, kwargs: dict):
         """K samples per prompt from one prefill: the prompt's KV cache is computed once and

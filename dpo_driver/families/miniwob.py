@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from dpo_driver.actions import ACTION_REGEX, candidate_actions, parse_action, verbs_for
+from dpo_driver.actions import ACTION_REGEX, answer_space, candidate_actions, parse_action, verbs_for
 from dpo_driver.env import WebEnv, find_browser
+from dpo_driver.constrained import AnswerSpace
 from dpo_driver.environment import Environment, Parsed, Session, Transition
 from dpo_driver.experts import expert_action
 from dpo_driver.observation import Observation, render_prompt
@@ -126,6 +127,9 @@ class MiniWoB(Environment):
 
     def candidates(self, observation: Observation) -> list[str]:
         return [a.render() for a in candidate_actions(observation.utterance, observation.elements)]
+
+    def answer_space(self, observation: Observation) -> AnswerSpace:
+        return answer_space(observation.elements)
 
     def suite(self, tasks):
         return check_tasks(list(tasks or self.default_tasks))
