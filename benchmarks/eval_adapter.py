@@ -86,11 +86,11 @@ def main(argv=None) -> dict:
         row = {"adapter": str(adapter), "mean": round(sum(per.values()) / len(per), 4), "per_task": per,
                "env_errors": sum(bool(e["env_error"]) for e in eps), "wall_s": round(time.time() - t0, 1),
                # a lost skill can be a wrong action or a malformed answer (format drift): say which
-               "malformed": sum(bool(e["invalid"]) for e in eps),
                "malformed_per_task": {t: sum(bool(e["invalid"]) for e in eps if e["task"] == t) for t in tasks},
                "malformed_examples": [[e["task"], next(st["output"] for st in e["steps"] if not st["valid"])]
                                       for e in eps if e["invalid"]][:5],
                "by_item": {f"{e['task']}/{e['seed']}": float(e["success"]) for e in eps if not e["env_error"]}}
+        row["malformed"] = sum(row["malformed_per_task"].values())
         if name != adapters[0][0]:
             d, lo, hi = _paired_diff(episodes_of[adapters[0][0]], eps, seed=0)
             row["minus_baseline_points"] = [round(100 * d, 1), round(100 * lo, 1), round(100 * hi, 1)]

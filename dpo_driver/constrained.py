@@ -18,12 +18,14 @@ if TYPE_CHECKING:  # torch is imported where masks are built: families import th
 
 @dataclass(frozen=True)
 class Slot:
-    """Answers `prefix` + free text (none of `banned`) + `close` + one of `suffixes`."""
+    """Answers `prefix` + free text (none of `banned`; starting with a non-space when `nonblank`) +
+    `close` + one of `suffixes`."""
 
     prefix: str
     close: str = '"'
     banned: str = '"\n'
     suffixes: tuple[str, ...] = ("",)
+    nonblank: bool = False
 
     def __post_init__(self):
         if len(self.close) != 1 or self.close not in self.banned:
@@ -43,7 +45,8 @@ class AnswerSpace:
         for s in self.slots:
             if answer.startswith(s.prefix):
                 text, sep, after = answer[len(s.prefix):].partition(s.close)
-                if sep and not any(c in text for c in s.banned) and after in s.suffixes:
+                blank = not text or text[0].isspace()
+                if sep and not any(c in text for c in s.banned) and after in s.suffixes and not (s.nonblank and blank):
                     return True
         return False
 
@@ -66,7 +69,7 @@ class Vocab:
             if b:
                 self.by_bytes.setdefault(b, []).append(i)
         self.longest = max(map(len, self.by_bytes))
-        self._free: dict[tuple[bytes, bytes], torch.Tensor] = {}
+        self._free: dict[tuple[bytes, bytes, bool], torch.Tensor] = {}
 
     def spell(self, ids: list[int]) -> bytes:
         return b"".join(self.bytes[i] for i in ids)
@@ -75,14 +78,15 @@ class Vocab:
         """Tokens whose bytes start `rest`."""
         return [i for k in range(1, min(len(rest), self.longest) + 1) for i in self.by_bytes.get(rest[:k], ())]
 
-    def free(self, banned: bytes, close: bytes) -> torch.Tensor:
-        """Mask of the tokens free text may take next: no banned byte, or free text then `close`."""
+    def free(self, banned: bytes, close: bytes, first: bool = False) -> torch.Tensor:
+        """Mask of the tokens free text may take next: no banned byte, or free text then `close`;
+        `first`: the text's first token, which must start with a non-space."""
         import torch
 
-        key = (banned, close)
+        key = (banned, close, first)
         if key not in self._free:
             ok = [bool(b) and (not any(c in b for c in banned) or (b.endswith(close) and not any(c in b[:-1] for c in banned)))
-                  for b in self.bytes]
+                  and not (first and (b[:1].isspace() or b[:1] == close)) for b in self.bytes]
             self._free[key] = torch.tensor(ok, dtype=torch.bool)
         return self._free[key]
 
@@ -158,9 +162,9 @@ class AnswerConstraint:
                     continue
                 if not text.startswith(prefix):
                     continue
-                _, closed, after = text[len(prefix):].partition(close)
+                typed, closed, after = text[len(prefix):].partition(close)
                 if not closed:
-                    masks.append(self.vocab.free(s.banned.encode(), close))
+                    masks.append(self.vocab.free(s.banned.encode(), close, first=s.nonblank and not typed))
                     continue
                 for suffix in (x.encode() for x in s.suffixes):
                     if suffix.startswith(after):

@@ -81,3 +81,21 @@ def test_constrained_episodes_in_miniwob_never_end_on_a_malformed_answer(policy,
     free, held = play(False), play(True)
     assert all(e["invalid"] for e in free)
     assert not any(e["invalid"] for e in held) and all(st["valid"] for e in held for st in e["steps"])
+
+
+def test_tool_use_answers_are_a_thought_then_a_schema_valid_call_in_sight(policy):
+    """Tool use: the thought is free (one non-blank line), the call is one of the calls on the arguments in sight."""
+    from dpo_driver.families.tooluse import ToolUse
+
+    env = ToolUse()
+    obs, prompt = env.open("lookup-calc").reset(0)
+    space = env.answer_space(obs)
+    expert = env.candidates(obs)[0]
+    assert space.accepts(expert) and not space.accepts("Thought:  x\n" + expert.split("\n")[1]) and not space.accepts(expert + " ")
+    tool_policy = LMPolicy(policy.model, policy.tokenizer, env)
+    held = tool_policy.propose([prompt], [obs], 8, Sampling(temperature=1.0, max_new_tokens=32, constrained=True), seed=0)[0]
+    assert all(a.startswith("Thought: ") and not a[len("Thought: "):][:1].isspace() for a in held), held  # thoughts, cut by the budget
+    head = "Thought: I look it up.\n"  # past the thought, the call must be one in sight, whole and valid
+    calls = tool_policy._generate([tool_policy._chat(prompt) + head], 8, Sampling(temperature=1.0, max_new_tokens=64), 0, [space], [head])
+    assert all(space.accepts(head + c) and env.parse(head + c).action for c in calls), calls
+    assert len(set(calls)) > 1

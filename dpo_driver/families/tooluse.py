@@ -24,6 +24,7 @@ from typing import Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dpo_driver.constrained import AnswerSpace, Slot
 from dpo_driver.environment import Environment, Parsed, Session, Transition
 
 # --- the answer grammar: one definition, shared by parse, the format gate and the expert ---------
@@ -395,6 +396,12 @@ class ToolUse(Environment):
         done = {action for action, _ in history}
         out = [render(tool, args) for tool, args in calls]
         return [c for c in dict.fromkeys(out) if read(c).action not in done]
+
+    def answer_space(self, observation: State) -> AnswerSpace:
+        """A one-line thought of the policy's own, then one of `candidates`' calls: the JSON is always
+        valid and schema-checked, the arguments are those in sight (the question's and the results')."""
+        calls = tuple(dict.fromkeys(ACTION + read(c).action for c in self.candidates(observation)))
+        return AnswerSpace(slots=(Slot(THOUGHT, close="\n", banned="\n", suffixes=calls, nonblank=True),))
 
     def decontamination_text(self, prompt: str) -> str:
         # the tool list and the instruction are in every prompt; the question and history are the item
