@@ -13,7 +13,7 @@ from dpo_driver.environment import EnvCrashed
 from dpo_driver.observation import Observation, parse_observation
 
 __all__ = ["BrowserMissing", "EnvCrashed", "StepResult", "WebEnv", "find_browser"]
-from dpo_driver.procs import browser_dirs, browser_pids, browser_tree, kill_tree, remove_dirs
+from dpo_driver.procs import browser_dirs, browser_pids, browser_tree, exit_on_sigterm, kill_tree, remove_dirs
 
 # A closed <select> hides its options from MiniWoB's DOM dump (they have no layout box): read
 # them, as (text, selected) pairs per select ref, so the policy can see what it may choose.
@@ -114,6 +114,7 @@ class WebEnv:
     def reset(self, seed: int) -> tuple[Observation, dict[str, str]]:
         try:
             if self._env is None:
+                exit_on_sigterm()  # a killed process must still close this browser
                 self._env = self._make()
                 self._pids = browser_pids(self._driver())  # while the driver lives: it may not later
                 self._dirs = browser_dirs(self._pids)

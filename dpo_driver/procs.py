@@ -105,3 +105,21 @@ def remove_dirs(dirs: list[Path]) -> None:
 
 def _is_temp_browser_dir(d: Path) -> bool:
     return d.parent == Path(tempfile.gettempdir()) and bool(_TEMP_DIR.match(d.name))
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, a job scheduler's stop) raise SystemExit, where nobody else handles it.
+
+    Python's default for SIGTERM ends the process without unwinding, so no `with` block closes its
+    browser and chromedriver and Chromium live on under PID 1. As SystemExit, the sessions' context
+    managers run. Only in the main thread (the only one that may set handlers), and never over a
+    handler someone installed (Dagster's, a caller's)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)

@@ -1,5 +1,7 @@
 """A crashed browser is an infrastructure fault: flagged on its episode, the browser restarted, nothing else lost."""
 
+from pathlib import Path
+
 import pytest
 
 from dpo_driver import rollouts
@@ -109,3 +111,38 @@ def test_the_episode_clock_does_not_fail_a_slow_policy():
     result = env.step(expert_action("click-button", fields, obs, []))
     env.close()
     assert result.done and result.raw_reward == 1.0
+
+
+def test_a_terminated_process_closes_its_browser(tmp_path):
+    """SIGTERM to a process with a live page (a stopped benchmark or CLI run) must not orphan the browser."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "hold.py"
+    script.write_text(
+        "import sys, time\n"
+        "from dpo_driver.env import WebEnv\n"
+        "with WebEnv('click-button') as env:\n"
+        "    env.reset(1000000)\n"
+        "    print(' '.join(map(str, env._pids)), flush=True)\n"
+        "    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    tree = [psutil.Process(p) for p in pids]
+    tree += [c for p in tree for c in p.children(recursive=True)]
+    try:
+        assert len(_alive(tree)) >= 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while _alive(tree) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _alive(tree) == []
+    finally:  # a failing run must not leave its own orphans behind
+        proc.kill()
+        for p in _alive(tree):
+            p.kill()
