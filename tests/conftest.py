@@ -46,6 +46,18 @@ def miniwob():
 
 
 @pytest.fixture(scope="module")
+def policy(tmp_path_factory, miniwob):
+    """The tiny random model as a MiniWoB policy, built once per test module in its own model cache."""
+    from dpo_driver.policy import LMPolicy
+    from dpo_driver.training import load_policy
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_DRIVER_CACHE", str(tmp_path_factory.mktemp("cache")))
+        model, tok = load_policy("tiny-random")
+        yield LMPolicy(model, tok, miniwob)
+
+
+@pytest.fixture(scope="module")
 def model_cache(tmp_path_factory):
     """A module-wide DPO_DRIVER_CACHE: the tiny model is built once per test module."""
     with pytest.MonkeyPatch.context() as mp:

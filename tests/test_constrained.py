@@ -7,19 +7,10 @@ from dpo_driver.constrained import AnswerSpace, Slot
 from dpo_driver.observation import Element, Observation, render_prompt
 from dpo_driver.policy import LMPolicy, Sampling
 from dpo_driver.rollouts import run_episodes
-from dpo_driver.training import load_policy
 
 PAGE = (Element(1, "button", "确定"), Element(2, "button", "ÖK"), Element(3, "link", "eget", 1), Element(4, "link", "eget", 2),
         Element(5, "option", "Blue"), Element(6, "button", 'say "hi"'), Element(7, "textbox", "", 1), Element(8, "textbox", "", 2))
 BUTTONS = tuple(e for e in PAGE if e.kind in ("button", "link", "option"))  # no text field: every answer is a fixed one
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory, miniwob):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPO_DRIVER_CACHE", str(tmp_path_factory.mktemp("cache")))
-        model, tok = load_policy("tiny-random")
-        yield LMPolicy(model, tok, miniwob)
 
 
 def acts_on_page(answer: str, elements) -> bool:

@@ -2,19 +2,10 @@ import pytest
 import torch
 
 from dpo_driver.observation import Element, Observation, render_prompt
-from dpo_driver.policy import LMPolicy, RandomPolicy, Sampling
-from dpo_driver.training import load_policy
+from dpo_driver.policy import RandomPolicy, Sampling
 
 OBS = [Observation(f'Click on the "{n}" button.', (Element(1, "button", n), Element(2, "button", "Cancel"))) for n in ("ok", "yes", "Submit")]
 PROMPTS = [render_prompt(o) for o in OBS]
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory, miniwob):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DPO_DRIVER_CACHE", str(tmp_path_factory.mktemp("cache")))
-        model, tok = load_policy("tiny-random")
-        yield LMPolicy(model, tok, miniwob)
 
 
 def test_shared_prefill_decodes_exactly_like_plain_generate(policy):

@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from dpo_driver.actions import ACTION_REGEX, answer_space, candidate_actions, parse_action, verbs_for
-from dpo_driver.env import WebEnv, find_browser
 from dpo_driver.constrained import AnswerSpace
+from dpo_driver.env import WebEnv, find_browser
 from dpo_driver.environment import Environment, Parsed, Session, Transition
 from dpo_driver.experts import expert_action
 from dpo_driver.observation import Observation, render_prompt
