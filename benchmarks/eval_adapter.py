@@ -1,6 +1,7 @@
-"""Greedy held-out success of one or more adapters on MiniWoB tasks, paired with the first.
+"""Greedy held-out success of one or more adapters on a family's tasks, paired with the first.
 
-Each `NAME=DIR` adapter plays the same (task, seed) items: every supported task by default,
+Each `NAME=DIR` adapter plays the same (task, seed) items of `--env` (MiniWoB by default): every
+supported task by default,
 `--exclude` drops some (e.g. the suite an adapter was trained on, so what is left measures
 retention on tasks the round never saw), `--tasks` picks them. Seeds: `--eval-seeds` per task
 from `--eval-offset` into the evaluation band. The adapters after the first get their paired
@@ -22,7 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: `benchmarks` is not installed
 from benchmarks.learning import _paired_diff, _per_task  # noqa: E402
 from dpo_driver.environment import load_environment  # noqa: E402
-from dpo_driver.families.miniwob import SUPPORTED_TASKS  # noqa: E402
 from dpo_driver.io import atomic_write_text  # noqa: E402
 from dpo_driver.model import resolve_model  # noqa: E402
 from dpo_driver.policy import LMPolicy, Sampling  # noqa: E402
@@ -44,13 +44,13 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     return [(n, Path(d)) for n, d in pairs]
 
 
-def select_tasks(tasks: str, exclude: str) -> list[str]:
+def select_tasks(tasks: str, exclude: str, supported: tuple[str, ...]) -> list[str]:
     """The supported tasks to play: `tasks` (comma-separated; empty = all) minus `exclude`."""
-    chosen = [t for t in tasks.split(",") if t] or list(SUPPORTED_TASKS)
+    chosen = [t for t in tasks.split(",") if t] or list(supported)
     dropped = {t for t in exclude.split(",") if t}
-    unknown = sorted((set(chosen) | dropped) - set(SUPPORTED_TASKS))
+    unknown = sorted((set(chosen) | dropped) - set(supported))
     if unknown:
-        raise SystemExit(f"not supported MiniWoB tasks: {unknown}")
+        raise SystemExit(f"not supported tasks: {unknown}")
     left = [t for t in chosen if t not in dropped]
     if not left:
         raise SystemExit("no task left to play after --exclude")
@@ -60,21 +60,22 @@ def select_tasks(tasks: str, exclude: str) -> list[str]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("adapters", nargs="+", metavar="NAME=DIR", help="the first is the baseline the others are paired with")
+    ap.add_argument("--env", default="miniwob", help="environment family: miniwob, tooluse, sql, or package.module:Class")
     ap.add_argument("--tasks", default="", help="comma-separated supported tasks (empty = all)")
     ap.add_argument("--exclude", default="", help="comma-separated tasks to leave out (e.g. the training suite)")
     ap.add_argument("--eval-seeds", type=int, default=20)
     ap.add_argument("--eval-offset", type=int, default=3000)
     ap.add_argument("--model", default="smollm2-135m", help="the base model the adapters were trained on")
-    ap.add_argument("--constrained", action="store_true", help="decode held to the page's actions (Sampling.constrained)")
+    ap.add_argument("--constrained", action="store_true", help="decode held to the state's answers (Sampling.constrained)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     adapters = parse_adapters(args.adapters)
-    tasks = select_tasks(args.tasks, args.exclude)
-    env = load_environment("miniwob")
+    env = load_environment(args.env)
+    tasks = select_tasks(args.tasks, args.exclude, env.tasks)
     plan = SeedPlan.build(5, 20, args.eval_seeds, eval_offset=args.eval_offset)
     base = resolve_model(args.model)
     out = {"command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-           "tasks": tasks, "seeds": [plan.eval[0], plan.eval[-1]], "constrained": args.constrained, "baseline": adapters[0][0], "adapters": {}}
+           "environment": env.name, "tasks": tasks, "seeds": [plan.eval[0], plan.eval[-1]], "constrained": args.constrained, "baseline": adapters[0][0], "adapters": {}}
     episodes_of: dict[str, list[dict]] = {}
     for name, adapter in adapters:
         t0 = time.time()

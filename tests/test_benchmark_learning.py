@@ -75,3 +75,9 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     d, lo, hi = ev["adapters"]["dpo"]["minus_baseline_points"]
     assert lo <= d <= hi
     assert json.loads((tmp_path / "eval.json").read_text())["adapters"]["dpo"]["per_task"].keys() == {"click-tab"}
+    # Any family: tool use's items (a random model's constrained thoughts run past the token budget, so no
+    # claim on malformed answers here: tests/test_constrained.py covers the masks).
+    tool = evaluate([f"sft={sft}", "--env", "tooluse", "--tasks", "calculator", "--eval-seeds", "2", "--model", "tiny-random",
+                     "--constrained"])
+    assert tool["environment"] == "tooluse" and tool["tasks"] == ["calculator"] and tool["constrained"]
+    assert len(tool["adapters"]["sft"]["by_item"]) == 2 and all(k.startswith("calculator/") for k in tool["adapters"]["sft"]["by_item"])
