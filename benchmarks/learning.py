@@ -125,7 +125,8 @@ def run(args) -> dict:
     env = load_environment(args.env)
     tasks = env.suite(args.tasks.split(",") if args.tasks else (suite.get("tasks") if args.env == "miniwob" else None))
     plan = SeedPlan.build(args.demo_seeds or suite["demo_seeds"], args.rollout_seeds or suite["rollout_seeds"], args.eval_seeds or suite["eval_seeds"],
-                           eval_offset=args.eval_offset, n_pair_validation=TaskSuite(**suite).pair_validation_seeds)
+                           eval_offset=args.eval_offset,
+                           n_pair_validation=args.pair_validation_seeds or TaskSuite(**suite).pair_validation_seeds)
     # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
     sft_stage = SFTAdapterConfig(**ops["sft_adapter"])
     sft_cfg = {**asdict(sft_stage.sft_params()), "seed": args.seed}
@@ -438,6 +439,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--demo-seeds", type=int, default=0, help="override expert demos per task (what the SFT gate asks for when it fails)")
     ap.add_argument("--rollout-seeds", type=int, default=0, help="override rollout seeds per task (the rollouts' cost is per task: "
                     "a large suite may need fewer)")
+    ap.add_argument("--pair-validation-seeds", type=int, default=0, help="override the held-out pairs' rollout seeds per task "
+                    "(what the preference-accuracy gate reads)")
     ap.add_argument("--eval-offset", type=int, default=0,
                     help="start the held-out seeds this far into the eval band (a range no tuning has looked at)")
     ap.add_argument("--sft-adapter", default="", help="skip SFT: start from this adapter (an earlier run's SFT stage, trained "

@@ -143,6 +143,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-offset", type=int, default=0, help="held-out seeds start this far into the eval band")
     ap.add_argument("--eval-seeds", type=int, default=0, help="override held-out seeds per task")
     ap.add_argument("--rollout-seeds", type=int, default=0, help="learning.py --rollout-seeds: rollout seeds per task")
+    ap.add_argument("--pair-validation-seeds", type=int, default=0, help="learning.py --pair-validation-seeds")
     ap.add_argument("--sft-adapter", default="", help="learning.py --sft-adapter: one suite and one training seed only")
     ap.add_argument("--json", default=str(RESULTS), help="results file; each run is added (same suite+seed replaced)")
     ap.add_argument("--table-only", action="store_true", help="print the table of the results file and exit")
@@ -162,7 +163,7 @@ def main(argv=None) -> dict:
                 print(f"\n=== suite {suite} ({', '.join(tasks)}), training seed {seed} ===", flush=True)
                 res = learning.main(["--preset", args.preset, "--seed", str(seed), "--tasks", ",".join(tasks), "--arms", args.arms,
                                      "--eval-offset", str(args.eval_offset), "--eval-seeds", str(args.eval_seeds),
-                                     "--rollout-seeds", str(args.rollout_seeds),
+                                     "--rollout-seeds", str(args.rollout_seeds), "--pair-validation-seeds", str(args.pair_validation_seeds),
                                      "--sft-adapter", args.sft_adapter, "--dpo", args.dpo] + (["--constrained"] if args.constrained else []))
                 res.pop("report_markdown", None)
                 res.update(suite=suite, tasks=tasks, suites_command=" ".join(shlex.quote(a) for a in sys.argv),
