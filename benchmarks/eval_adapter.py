@@ -66,7 +66,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-seeds", type=int, default=20)
     ap.add_argument("--eval-offset", type=int, default=3000)
     ap.add_argument("--model", default="smollm2-135m", help="the base model the adapters were trained on")
-    ap.add_argument("--constrained", action="store_true", help="decode held to the state's answers (Sampling.constrained)")
+    ap.add_argument("--free", action="store_true", help="decode freely (default: held to the state's answers, as the pipeline "
+                    "decodes: Sampling.constrained)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     adapters = parse_adapters(args.adapters)
@@ -75,13 +76,13 @@ def main(argv=None) -> dict:
     plan = SeedPlan.build(5, 20, args.eval_seeds, eval_offset=args.eval_offset)
     base = resolve_model(args.model)
     out = {"command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-           "environment": env.name, "tasks": tasks, "seeds": [plan.eval[0], plan.eval[-1]], "constrained": args.constrained, "baseline": adapters[0][0], "adapters": {}}
+           "environment": env.name, "tasks": tasks, "seeds": [plan.eval[0], plan.eval[-1]], "constrained": not args.free, "baseline": adapters[0][0], "adapters": {}}
     episodes_of: dict[str, list[dict]] = {}
     for name, adapter in adapters:
         t0 = time.time()
         model, tokenizer = load_policy(base, adapter)
         eps = episodes_of[name] = run_episodes(LMPolicy(model, tokenizer, env), env, tasks, list(plan.eval), 1,
-                                               Sampling(temperature=0.0, max_new_tokens=env.max_new_tokens, constrained=args.constrained), None,
+                                               Sampling(temperature=0.0, max_new_tokens=env.max_new_tokens, constrained=not args.free), None,
                                                policy_name=name)
         per = _per_task(eps, tasks)
         row = {"adapter": str(adapter), "mean": round(sum(per.values()) / len(per), 4), "per_task": per,

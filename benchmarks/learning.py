@@ -133,8 +133,8 @@ def run(args) -> dict:
     dpo_cfg = dpo_config(ops, args.dpo, args.seed)
     roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
-    if args.constrained:  # rollouts and evaluation, every arm alike
-        roll_cfg["constrained"] = eval_cfg["constrained"] = True
+    if args.constrained or args.free:  # rollouts and evaluation, every arm alike
+        roll_cfg["constrained"] = eval_cfg["constrained"] = args.constrained
     gate_cfgs = DPOGateConfig(**ops.get("dpo_adapter_gates", {})).model_dump()
     pair_cfg = PairsConfig(**ops["preference_pairs"])  # the asset's own config class: same defaults
     pair_params, weights = pair_cfg.pair_params(), pair_cfg.score_weights(env)
@@ -446,8 +446,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--sft-adapter", default="", help="skip SFT: start from this adapter (an earlier run's SFT stage, trained "
                     "with the same preset, suite and seed; its wall time is not in this run's)")
     add_dpo_argument(ap)
-    ap.add_argument("--constrained", action="store_true", help="rollouts and evaluation decode held to the state's actions "
-                    "(Sampling.constrained), whatever the preset says")
+    decoding = ap.add_mutually_exclusive_group()  # neither: the preset's (Sampling.constrained's default: held)
+    decoding.add_argument("--constrained", action="store_true", help="rollouts and evaluation decode held to the state's actions "
+                          "(Sampling.constrained), whatever the preset says")
+    decoding.add_argument("--free", action="store_true", help="rollouts and evaluation decode freely, whatever the preset says")
     ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)

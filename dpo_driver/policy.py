@@ -26,7 +26,10 @@ class Sampling:
     strategy: str = "sample"
     # Mask every token that would leave the answers the state accepts (Environment.answer_space;
     # dpo_driver.constrained): answers are always well-formed actions, the choice stays the policy's.
-    constrained: bool = False
+    # On by default: free decoding's malformed answers were most of what DPO cost off its suite
+    # (benchmarks/results/retention_*_constrained.json), and the whole loop keeps its gain held
+    # (learning_default_constrained.json). Families without an answer space decode freely anyway.
+    constrained: bool = True
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

@@ -65,7 +65,8 @@ def validate_policy(policy, records: list[dict], parse: Callable[[str], Parsed],
     `parse` is the family's (Environment.parse): an answer is valid when it parses."""
     prompts = [r["prompt"][0]["content"] for r in records]
     expected = [r["completion"][0]["content"].strip() for r in records]
-    greedy = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    # Free decoding: the gate asks whether SFT learned the answer format itself (held answers are valid by construction).
+    greedy = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size, constrained=False)
     answers = [a[0].strip() for a in policy.propose(prompts, [None] * len(prompts), 1, greedy, seed=0)] if prompts else []
     per: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     examples = []

@@ -36,7 +36,7 @@ def test_a_random_model_answers_only_actions_the_page_accepts(policy, strategy):
     the forced verb (strategy "verbs") included, and the samples still differ."""
     obs = [Observation('Click "确定".', BUTTONS)] * 2
     prompts = [render_prompt(o) for o in obs]
-    free = policy.propose(prompts, obs, 8, Sampling(temperature=1.0, max_new_tokens=24, strategy=strategy), seed=0)
+    free = policy.propose(prompts, obs, 8, Sampling(temperature=1.0, max_new_tokens=24, strategy=strategy, constrained=False), seed=0)
     held = policy.propose(prompts, obs, 8, Sampling(temperature=1.0, max_new_tokens=24, strategy=strategy, constrained=True), seed=0)
     flat_free, flat_held = sum(free, []), sum(held, [])
     assert not any(acts_on_page(a, BUTTONS) for a in flat_free)  # the constraint is what makes them actions
