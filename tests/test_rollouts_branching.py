@@ -69,7 +69,7 @@ def test_only_the_shortest_successes_are_branched(miniwob):
 
 
 def test_candidates_strategy_finds_successes_an_untrained_model_never_samples(tmp_path, monkeypatch, miniwob):
-    """A random ~1M-parameter model never writes a working action; with `candidates` every action
+    """A random ~1M-parameter model decoding freely never writes a working action; with `candidates` every action
     the page offers is played too, so successes (and pairs whose chosen is the right click) exist."""
     from dpo_driver.policy import LMPolicy
     from dpo_driver.training import load_policy
@@ -77,10 +77,10 @@ def test_candidates_strategy_finds_successes_an_untrained_model_never_samples(tm
     monkeypatch.setenv("DPO_DRIVER_CACHE", str(tmp_path / "cache"))
     policy = LMPolicy(*load_policy("tiny-random"), env=miniwob)
     seeds = seeds_for("rollout", 3)
-    sampled = run_episodes(policy, miniwob, ["click-button"], seeds, 2, Sampling(temperature=1.0, max_new_tokens=8, strategy="verbs"),
+    sampled = run_episodes(policy, miniwob, ["click-button"], seeds, 2, Sampling(temperature=1.0, max_new_tokens=8, strategy="verbs", constrained=False),
                            max_steps=2, policy_name="p")
     assert not any(e["success"] for e in sampled)
-    eps = run_episodes(policy, miniwob, ["click-button"], seeds, 2, Sampling(temperature=1.0, max_new_tokens=8, strategy="candidates"),
+    eps = run_episodes(policy, miniwob, ["click-button"], seeds, 2, Sampling(temperature=1.0, max_new_tokens=8, strategy="candidates", constrained=False),
                        max_steps=2, policy_name="p")
     assert {e["seed"] for e in eps if e["success"]} == set(seeds)  # every page's right button was played
     pairs = build_preference_pairs(eps, PairParams(), ScoreWeights(), parse=miniwob.parse)
