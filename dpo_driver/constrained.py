@@ -70,6 +70,7 @@ class Vocab:
                 self.by_bytes.setdefault(b, []).append(i)
         self.longest = max(map(len, self.by_bytes))
         self._free: dict[tuple[bytes, bytes, bool], torch.Tensor] = {}
+        self._crossing: dict[tuple[bytes, bytes, bool], torch.Tensor] = {}
 
     def spell(self, ids: list[int]) -> bytes:
         return b"".join(self.bytes[i] for i in ids)
@@ -77,6 +78,19 @@ class Vocab:
     def prefixes_of(self, rest: bytes) -> list[int]:
         """Tokens whose bytes start `rest`."""
         return [i for k in range(1, min(len(rest), self.longest) + 1) for i in self.by_bytes.get(rest[:k], ())]
+
+    def crossing(self, rest: bytes, banned: bytes, nonblank: bool) -> torch.Tensor:
+        """Mask of the tokens that spell `rest` (the end of a slot's prefix) and go on into its free
+        text: "Thought: I" is "Thought", ":", " I" to a BPE, so a prefix ending in a space is only ever
+        left through such a token (with `rest` alone the policy is pushed off its own spelling)."""
+        import torch
+
+        key = (rest, banned, nonblank)
+        if key not in self._crossing:
+            ok = [len(b) > len(rest) and b.startswith(rest) and not any(c in b[len(rest):] for c in banned)
+                  and not (nonblank and b[len(rest):len(rest) + 1].isspace()) for b in self.bytes]
+            self._crossing[key] = torch.tensor(ok, dtype=torch.bool)
+        return self._crossing[key]
 
     def free(self, banned: bytes, close: bytes, first: bool = False) -> torch.Tensor:
         """Mask of the tokens free text may take next: no banned byte, or free text then `close`;
@@ -159,6 +173,7 @@ class AnswerConstraint:
                 if len(text) < len(prefix):
                     if prefix.startswith(text):
                         ids += self.vocab.prefixes_of(prefix[len(text):])
+                        masks.append(self.vocab.crossing(prefix[len(text):], s.banned.encode(), s.nonblank))
                     continue
                 if not text.startswith(prefix):
                     continue
