@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: `benchmarks` is not installed
-from benchmarks.learning import _paired_diff, _per_task  # noqa: E402
+from benchmarks.learning import _paired_diff, _per_task, add_num_envs_argument  # noqa: E402
 from dpo_driver.environment import load_environment  # noqa: E402
 from dpo_driver.io import atomic_write_text  # noqa: E402
 from dpo_driver.model import resolve_model  # noqa: E402
@@ -68,6 +68,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="smollm2-135m", help="the base model the adapters were trained on")
     ap.add_argument("--free", action="store_true", help="decode freely (default: held to the state's answers, as the pipeline "
                     "decodes: Sampling.constrained)")
+    add_num_envs_argument(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     adapters = parse_adapters(args.adapters)
@@ -76,14 +77,14 @@ def main(argv=None) -> dict:
     plan = SeedPlan.build(5, 20, args.eval_seeds, eval_offset=args.eval_offset)
     base = resolve_model(args.model)
     out = {"command": " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-           "environment": env.name, "tasks": tasks, "seeds": [plan.eval[0], plan.eval[-1]], "constrained": not args.free, "baseline": adapters[0][0], "adapters": {}}
+           "environment": env.name, "tasks": tasks, "seeds": [plan.eval[0], plan.eval[-1]], "constrained": not args.free, "num_envs": args.num_envs, "baseline": adapters[0][0], "adapters": {}}
     episodes_of: dict[str, list[dict]] = {}
     for name, adapter in adapters:
         t0 = time.time()
         model, tokenizer = load_policy(base, adapter)
         eps = episodes_of[name] = run_episodes(LMPolicy(model, tokenizer, env), env, tasks, list(plan.eval), 1,
                                                Sampling(temperature=0.0, max_new_tokens=env.max_new_tokens, constrained=not args.free), None,
-                                               policy_name=name)
+                                               policy_name=name, num_envs=args.num_envs or None)
         per = _per_task(eps, tasks)
         row = {"adapter": str(adapter), "mean": round(sum(per.values()) / len(per), 4), "per_task": per,
                "env_errors": sum(bool(e["env_error"]) for e in eps), "wall_s": round(time.time() - t0, 1),

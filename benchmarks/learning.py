@@ -73,9 +73,9 @@ def _sampling(cfg: dict, greedy: bool, env) -> Sampling:
     return Sampling(cfg["temperature"], cfg["top_k"], cfg["top_p"], tokens, cfg["batch_size"], cfg["strategy"], cfg["constrained"])
 
 
-def _act(clock: Clock, name: str, policy, env, tasks, seeds, k, sampling, max_steps) -> list[dict]:
+def _act(clock: Clock, name: str, policy, env, tasks, seeds, k, sampling, max_steps, num_envs: int | None = None) -> list[dict]:
     with clock.stage(name):
-        eps = run_episodes(policy, env, tasks, seeds, k, sampling, max_steps, policy_name=name.split(":")[-1])
+        eps = run_episodes(policy, env, tasks, seeds, k, sampling, max_steps, policy_name=name.split(":")[-1], num_envs=num_envs)
     s = policy.stats
     clock.tokens[name] = {"new_tokens": s.new_tokens, "prompt_tokens": s.prompt_tokens, "gen_seconds": round(s.seconds, 1),
                           "tokens_per_second": round(s.tokens_per_second, 1)}
@@ -113,6 +113,11 @@ def dpo_config(ops: dict, overrides: str, seed: int) -> dict:
     return {**DPOAdapterConfig(**{**ops["dpo_adapter"], **extra}).model_dump(), "seed": seed}
 
 
+def add_num_envs_argument(ap) -> None:
+    ap.add_argument("--num-envs", type=int, default=0, help="evaluation_report.num_envs: evaluation plays this many sessions at once "
+                    "(MiniWoB: browsers in lockstep); 0 = the preset's")
+
+
 def add_dpo_argument(ap) -> None:
     ap.add_argument("--dpo", default="{}", help='JSON overrides of the preset\'s dpo_adapter config, e.g. \'{"anchor_weight": 0}\'')
 
@@ -135,6 +140,8 @@ def run(args) -> dict:
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
     if args.constrained or args.free:  # rollouts and evaluation, every arm alike
         roll_cfg["constrained"] = eval_cfg["constrained"] = args.constrained
+    if args.num_envs:
+        eval_cfg["num_envs"] = args.num_envs
     gate_cfgs = DPOGateConfig(**ops.get("dpo_adapter_gates", {})).model_dump()
     pair_cfg = PairsConfig(**ops["preference_pairs"])  # the asset's own config class: same defaults
     pair_params, weights = pair_cfg.pair_params(), pair_cfg.score_weights(env)
@@ -196,7 +203,8 @@ def run(args) -> dict:
         if policy is None:
             m, tok = load_policy(base, adapter)
             policy = LMPolicy(m, tok, env)
-        eps = _act(clock, f"eval:{name}", policy, env, tasks, list(plan.eval), 1, _sampling(eval_cfg, True, env), max_steps)
+        eps = _act(clock, f"eval:{name}", policy, env, tasks, list(plan.eval), 1, _sampling(eval_cfg, True, env), max_steps,
+                   eval_cfg["num_envs"] or None)
         eval_eps[name] = eps
         return eps
 
@@ -322,6 +330,7 @@ def run(args) -> dict:
                      "pair_validation": [plan.pair_validation[0], plan.pair_validation[-1]] if plan.pair_validation else []}}
     out["dpo_config"] = dpo_cfg  # the preset's, with any --dpo overrides
     out["constrained"] = {"rollouts": roll_cfg["constrained"], "evaluation": eval_cfg["constrained"]}
+    out["eval_num_envs"] = eval_cfg["num_envs"]  # 0: the family's own loop
     for t in tasks:
         row = {p: round(report.table.loc[t, f"{p}_rate"], 4) for p in ("sft", "dpo", "rft", "random") if f"{p}_rate" in report.table}
         row["n"] = int(report.table.loc[t, "sft_n"])
@@ -450,6 +459,7 @@ def main(argv=None) -> dict:
     decoding.add_argument("--constrained", action="store_true", help="rollouts and evaluation decode held to the state's actions "
                           "(Sampling.constrained), whatever the preset says")
     decoding.add_argument("--free", action="store_true", help="rollouts and evaluation decode freely, whatever the preset says")
+    add_num_envs_argument(ap)
     ap.add_argument("--workdir", default="", help="where adapters go (default: a temp dir)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)

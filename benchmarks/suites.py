@@ -150,6 +150,7 @@ def main(argv=None) -> dict:
     decoding = ap.add_mutually_exclusive_group()
     decoding.add_argument("--constrained", action="store_true", help="learning.py --constrained (give it its own --json)")
     decoding.add_argument("--free", action="store_true", help="learning.py --free (give it its own --json)")
+    learning.add_num_envs_argument(ap)
     learning.add_dpo_argument(ap)  # runs are keyed by suite, seed and offset only: give another --dpo its own --json
     args = ap.parse_args(argv)
     path = Path(args.json)
@@ -166,7 +167,7 @@ def main(argv=None) -> dict:
                 res = learning.main(["--preset", args.preset, "--seed", str(seed), "--tasks", ",".join(tasks), "--arms", args.arms,
                                      "--eval-offset", str(args.eval_offset), "--eval-seeds", str(args.eval_seeds),
                                      "--rollout-seeds", str(args.rollout_seeds), "--pair-validation-seeds", str(args.pair_validation_seeds),
-                                     "--sft-adapter", args.sft_adapter, "--dpo", args.dpo] + (["--constrained"] if args.constrained else [])
+                                     "--sft-adapter", args.sft_adapter, "--dpo", args.dpo, "--num-envs", str(args.num_envs)] + (["--constrained"] if args.constrained else [])
                                     + (["--free"] if args.free else []))
                 res.pop("report_markdown", None)
                 res.update(suite=suite, tasks=tasks, suites_command=" ".join(shlex.quote(a) for a in sys.argv),

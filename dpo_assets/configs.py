@@ -120,6 +120,9 @@ class EvaluationConfig(dg.Config):
     constrained: bool = Field(default(Sampling, "constrained"), description="hold every answer to the actions the state accepts "
                               "(Environment.answer_space; MiniWoB: each listed element's click or select, and type of free text into a text "
                               "field): no malformed answers, the choice stays the policy's; families without an answer space decode freely")
+    num_envs: int = Field(0, description="sessions played at once, one batched generate per step for all of them (MiniWoB: browsers "
+                          "in lockstep, dpo_driver/lockstep.py); 0 = the family's own (MiniWoB: one browser, first steps batched "
+                          "across seeds; families without a browser: Environment.batch_sessions)")
     confidence: float = Field(0.95, description="level of every reported interval")
     n_boot: int = Field(10000, description="paired bootstrap resamples for the DPO - SFT difference")
     min_retention: float = Field(0.95, description="promote also needs DPO to keep this share of the baseline's success on "

@@ -42,7 +42,7 @@ def evaluation_report(
     # Capability retention: the compared arms also play tasks the round never trained on.
     episodes, kept_eps = evaluate_arms(lambda adapter: LMPolicy(*policy_model.load(adapter), env), arms.adapters, env, tasks, list(plan.eval),
                                        greedy, config.max_steps, task_suite.retention_list(env), (arms.baseline, "dpo"),
-                                       on_progress=lambda stage: episode_logger(context, stage))
+                                       on_progress=lambda stage: episode_logger(context, stage), num_envs=config.num_envs or None)
     outcome = promotion_decision(pd.DataFrame(episodes), pd.DataFrame(kept_eps) if kept_eps else None, arms.baseline, env.name,
                                  config.confidence, config.n_boot, config.min_retention)
     if outcome.dropped_items:

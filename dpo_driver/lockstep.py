@@ -10,13 +10,15 @@ Everything that decides what runs next happens in the main thread while all work
 worker order: which seed a worker plays next, the crash count, the batch's row order. So a run is
 deterministic for a deterministic policy and environment, however the threads are timed.
 
-Not the default (rollouts.DEFAULT_NUM_ENVS = 0), because an episode waits for its batch while
-MiniWoB's 10 s episode clock runs: the time-decayed `reward` drops, and when generation is slow
-episodes time out. On this project's shared 2-core CPU (benchmarks/results/throughput.json, SFT
-policy, default suite) 8 browsers ran 1.7x the one-browser loop once, and 0.57x with success
-0.37 instead of 0.54 when other jobs slowed generation to 7 tokens/s; 4 browsers ran 1.0-2.1x.
-The one-browser loop generates every first step before its replay reset, so its clock starts
-after generation. Also, in bf16 a greedy answer can depend on its batch's other rows, so results
+Not the default (rollouts.DEFAULT_NUM_ENVS = 0; `evaluation_report.num_envs` turns it on) because on
+this project's 2-core CPU it is slower: generation is compute-bound there, so a batch of N prompts
+(padded to the longest, each decoded until the batch's longest answer ends) costs about N single
+ones, and the one-browser loop already batches every first step across seeds. Held decoding, the
+base model, five multi-step tasks x 4 seeds (benchmarks/results/throughput_multistep_held.json):
+sequential 0.23 episodes/s, 4 browsers 0.17, 8 browsers 0.19; the default suite (free decoding,
+float32, throughput_fp32_alone.json): 0.8x with 4 or 8. It is for an accelerator, where a batch
+costs about what one prompt does. (It used to risk MiniWoB's 10 s episode clock; env.py now
+pushes that clock to an hour.) Also, in bf16 a greedy answer can depend on its batch's other rows, so results
 may differ slightly from the one-browser loop's and between `num_envs` values (each run is
 deterministic for a fixed `num_envs`).
 """

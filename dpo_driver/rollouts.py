@@ -257,17 +257,18 @@ def first_prompts(env: Environment, tasks: list[str], seeds: list[int]) -> dict[
 def evaluate_arms(load_policy: Callable[[str], Any], adapters: dict[str, str], env: Environment, tasks: list[str], seeds: list[int],
                   sampling: Sampling, max_steps: int | None = None, retention_tasks: list[str] | None = None,
                   retention_policies: tuple[str, ...] = (), on_progress: Callable[[str], Callable[[dict], None] | None] = lambda _: None,
-                  ) -> tuple[list[dict], list[dict]]:
+                  num_envs: int | None = None) -> tuple[list[dict], list[dict]]:
     """(suite episodes, retention episodes): each arm (name -> adapter folder) loaded once by
     `load_policy` and played greedily on every (task, seed); the arms in `retention_policies` also
-    play `retention_tasks` with the same loaded model."""
+    play `retention_tasks` with the same loaded model. `num_envs` as in run_episodes."""
     episodes, kept = [], []
     for name, adapter_dir in adapters.items():
         policy = load_policy(adapter_dir)
-        episodes += run_episodes(policy, env, tasks, seeds, 1, sampling, max_steps, policy_name=name, on_progress=on_progress(f"eval {name}"))
+        episodes += run_episodes(policy, env, tasks, seeds, 1, sampling, max_steps, policy_name=name, on_progress=on_progress(f"eval {name}"),
+                                 num_envs=num_envs)
         if retention_tasks and name in retention_policies:
             kept += run_episodes(policy, env, retention_tasks, seeds, 1, sampling, max_steps, policy_name=name,
-                                 on_progress=on_progress(f"retention {name}"))
+                                 on_progress=on_progress(f"retention {name}"), num_envs=num_envs)
         del policy  # one model in memory at a time
     return episodes, kept
 

@@ -13,7 +13,8 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
 
     out = tmp_path / "learning.json"
     res = main(["--preset", "tiny", "--eval-seeds", "2", "--arms", "rft,ipo,kto", "--json", str(out), "--workdir", str(tmp_path / "work"),
-                "--rollout-seeds", "5", "--pair-validation-seeds", "2"])  # the suite's 4 and 1, overridden
+                "--rollout-seeds", "5", "--pair-validation-seeds", "2",  # the suite's 4 and 1, overridden
+                "--num-envs", "2"])  # evaluation on two browsers in lockstep
     saved = json.loads(out.read_text())
     assert saved["tasks"].keys() == {"click-tab", "enter-text"}
     for row in saved["tasks"].values():
@@ -24,6 +25,7 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     assert saved["diff_ci_low_points"] <= saved["dpo_minus_sft_points"] <= saved["diff_ci_high_points"]
     assert {"demos", "sft", "dpo_r1", "rft_r1", "eval:sft", "eval:rft_r1", "total", "loop"} <= saved["wall_seconds"].keys()
     assert saved["seeds"]["eval"][0] >= 2_000_000  # evaluation band
+    assert saved["eval_num_envs"] == 2
     assert saved["seeds"]["rollout"][1] - saved["seeds"]["rollout"][0] == 4 and saved["seeds"]["pair_validation"][1] - saved["seeds"]["pair_validation"][0] == 1
     assert res["pairs"] == saved["pairs"] > 0
     r1 = saved["rounds"][0]  # success after each round, per task

@@ -51,3 +51,26 @@ def test_each_arm_is_loaded_once_and_only_the_compared_arms_play_the_retention_s
     assert sorted((e["policy"], e["seed"]) for e in suite) == sorted((p, s) for p in ("sft", "dpo", "champion") for s in (2_000_000, 2_000_001))
     assert {e["task"] for e in suite} == {"calculator"} and {e["task"] for e in kept} == {"lookup"}
     assert sorted({e["policy"] for e in kept}) == ["champion", "dpo"] and len(kept) == 4
+
+
+def test_evaluation_plays_as_many_sessions_at_once_as_asked():
+    """`num_envs` reaches the loop: one session at a time asks for one prompt per generate,
+    the family's default (ToolUse: 32 sessions) for all of a task's seeds at once."""
+    from dpo_driver.families.tooluse import ToolUse
+    from dpo_driver.policy import RandomPolicy, Sampling
+    from dpo_driver.rollouts import evaluate_arms
+
+    env, batches = ToolUse(), []
+
+    class Counting(RandomPolicy):
+        def propose(self, prompts, *args, **kwargs):
+            batches.append(len(prompts))
+            return super().propose(prompts, *args, **kwargs)
+
+    seeds = [2_000_000 + i for i in range(6)]
+    for num_envs in (1, None):
+        batches.clear()
+        suite, _ = evaluate_arms(lambda _: Counting(env), {"sft": "/s"}, env, ["calculator"], seeds, Sampling(temperature=0.0),
+                                 num_envs=num_envs)
+        assert len(suite) == 6
+        assert max(batches) == (1 if num_envs == 1 else 6)
