@@ -69,8 +69,7 @@ class Vocab:
             if b:
                 self.by_bytes.setdefault(b, []).append(i)
         self.longest = max(map(len, self.by_bytes))
-        self._free: dict[tuple[bytes, bytes, bool], torch.Tensor] = {}
-        self._crossing: dict[tuple[bytes, bytes, bool], torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def spell(self, ids: list[int]) -> bytes:
         return b"".join(self.bytes[i] for i in ids)
@@ -83,26 +82,24 @@ class Vocab:
         """Mask of the tokens that spell `rest` (the end of a slot's prefix) and go on into its free
         text: "Thought: I" is "Thought", ":", " I" to a BPE, so a prefix ending in a space is only ever
         left through such a token (with `rest` alone the policy is pushed off its own spelling)."""
-        import torch
-
-        key = (rest, banned, nonblank)
-        if key not in self._crossing:
-            ok = [len(b) > len(rest) and b.startswith(rest) and not any(c in b[len(rest):] for c in banned)
-                  and not (nonblank and b[len(rest):len(rest) + 1].isspace()) for b in self.bytes]
-            self._crossing[key] = torch.tensor(ok, dtype=torch.bool)
-        return self._crossing[key]
+        return self._mask(("crossing", rest, banned, nonblank), lambda b: (
+            len(b) > len(rest) and b.startswith(rest) and not any(c in b[len(rest):] for c in banned)
+            and not (nonblank and b[len(rest):len(rest) + 1].isspace())))
 
     def free(self, banned: bytes, close: bytes, first: bool = False) -> torch.Tensor:
         """Mask of the tokens free text may take next: no banned byte, or free text then `close`;
         `first`: the text's first token, which must start with a non-space."""
+        return self._mask(("free", banned, close, first), lambda b: (
+            bool(b) and (not any(c in b for c in banned) or (b.endswith(close) and not any(c in b[:-1] for c in banned)))
+            and not (first and (b[:1].isspace() or b[:1] == close))))
+
+    def _mask(self, key: tuple, accepts) -> torch.Tensor:
+        """The boolean mask of the tokens whose bytes `accepts`, built by one scan and kept per key."""
         import torch
 
-        key = (banned, close, first)
-        if key not in self._free:
-            ok = [bool(b) and (not any(c in b for c in banned) or (b.endswith(close) and not any(c in b[:-1] for c in banned)))
-                  and not (first and (b[:1].isspace() or b[:1] == close)) for b in self.bytes]
-            self._free[key] = torch.tensor(ok, dtype=torch.bool)
-        return self._free[key]
+        if key not in self._masks:
+            self._masks[key] = torch.tensor([accepts(b) for b in self.bytes], dtype=torch.bool)
+        return self._masks[key]
 
 
 def _byte_speller(tokenizer):
