@@ -18,9 +18,9 @@ base model, five multi-step tasks x 4 seeds (benchmarks/results/throughput_multi
 sequential 0.23 episodes/s, 4 browsers 0.17, 8 browsers 0.19; the default suite (free decoding,
 float32, throughput_fp32_alone.json): 0.8x with 4 or 8. It is for an accelerator, where a batch
 costs about what one prompt does. (It used to risk MiniWoB's 10 s episode clock; env.py now
-pushes that clock to an hour.) Also, in bf16 a greedy answer can depend on its batch's other rows, so results
-may differ slightly from the one-browser loop's and between `num_envs` values (each run is
-deterministic for a fixed `num_envs`).
+pushes that clock to an hour.) Also, in bf16 a greedy answer can depend on its batch's other rows,
+so results may differ slightly from the one-browser loop's and between `num_envs` values (each run
+is deterministic for a fixed `num_envs`).
 """
 
 from __future__ import annotations

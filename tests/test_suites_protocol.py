@@ -53,8 +53,8 @@ def test_dpo_overrides_reach_every_run_and_a_bad_one_fails_before_any(tmp_path, 
     out = tmp_path / "suites.json"
     suites_cli.main(["--suites", "default", "--train-seeds", "0,1", "--json", str(out), "--dpo", '{"anchor_weight": 0}',
                      "--rollout-seeds", "6", "--pair-validation-seeds", "1", "--num-envs", "4"])
-    assert len(calls) == 2 and all(c[c.index("--num-envs") + 1] == "4" for c in calls)
     assert len(calls) == 2 and all(c[c.index("--dpo") + 1] == '{"anchor_weight": 0}' for c in calls)
+    assert all(c[c.index("--num-envs") + 1] == "4" for c in calls)
     assert all(c[c.index("--rollout-seeds") + 1] == "6" and c[c.index("--pair-validation-seeds") + 1] == "1" for c in calls)
     with pytest.raises(ValueError, match="unknown dpo_adapter option.*no_such_option"):
         suites_cli.main(["--suites", "default", "--json", str(tmp_path / "bad.json"), "--dpo", '{"no_such_option": 1}'])
