@@ -68,6 +68,9 @@ class PairsConfig(dg.Config):
     rejected_must_parse: bool = Field(default(PairParams, "rejected_must_parse"), description="only well-formed (but wrong) actions may be rejected")
     shortest_chosen: bool = Field(default(PairParams, "shortest_chosen"), description="chosen must be a success with the fewest steps left from the divergence "
                                   "state (a success that wasted steps where a shorter one exists is never chosen)")
+    skip_reordered: bool = Field(default(PairParams, "skip_reordered"), description="no pair where the failure's action at the divergence is "
+                                 "one the success also takes later and the failure went on after it (the same actions in another order: "
+                                 "what failed came later)")
     validation_fraction: float = Field(0.0, description="share of each task's training pairs also held out of DPO (whole prompts, "
                                        "stratified by task; dpo_driver.dpo_gates.split_pairs) for the preference-accuracy gate. "
                                        "Rolled-out pairs need none: task_suite.pair_validation_seeds gives held-out pairs at no cost to "
@@ -82,7 +85,7 @@ class PairsConfig(dg.Config):
     def pair_params(self):
         from dpo_driver.pairs import PairParams
 
-        return PairParams(self.min_margin, self.max_pairs_per_prompt, self.rejected_must_parse, self.shortest_chosen)
+        return PairParams(self.min_margin, self.max_pairs_per_prompt, self.rejected_must_parse, self.shortest_chosen, self.skip_reordered)
 
     def score_weights(self, env):
         from dpo_driver.pairs import ScoreWeights

@@ -183,3 +183,19 @@ def test_validation_seeds_give_held_out_pairs_without_taking_training_pairs():
     assert len(train) == 2 and len(held) == 1 and set(train.prompt).isdisjoint(held.prompt)
     train, held = train_and_validation_pairs(train_eps, build)
     assert len(train) == 3 and held.empty and list(held.columns) == PAIR_COLUMNS
+
+
+def test_no_pair_where_the_failure_took_the_successes_action_in_another_order():
+    # click-option: select "sZpM", then Submit. The failure clicked the right radio first and a wrong
+    # one after; the success clicked the wrong one first and the right one after. At step 0 the
+    # failure's action is the right one: no pair there.
+    task, p0 = "click-option", "Select sZpM and click Submit."
+    good = ep(0, True, ['click radio "58x"', 'click radio "sZpM"', 'click button "Submit"'], prompts=[p0, "after 58x", "after both"], task=task)
+    swapped = ep(1, False, ['click radio "sZpM"', 'click radio "58x"', 'click button "Submit"'], prompts=[p0, "after sZpM", "after both'"],
+                 task=task)
+    submitted = ep(2, False, ['click button "Submit"'], prompts=[p0], task=task)  # ended there: it is the failure
+    wrong = ep(3, False, ['click radio "1FC"', 'click button "Submit"'], prompts=[p0, "after 1FC"], task=task)  # never in the success
+    pairs = build_preference_pairs([good, swapped, submitted, wrong], PairParams(max_pairs_per_prompt=5), W, parse=PARSE)
+    assert sorted(pairs["rejected"]) == ['click button "Submit"', 'click radio "1FC"']
+    lenient = build_preference_pairs([good, swapped, submitted, wrong], PairParams(max_pairs_per_prompt=5, skip_reordered=False), W, parse=PARSE)
+    assert sorted(lenient["rejected"]) == ['click button "Submit"', 'click radio "1FC"', 'click radio "sZpM"']
