@@ -50,6 +50,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    reused_tokens: int = 0  # prompt tokens whose keys and values came from the previous call's cache (LMPolicy.reuse_prefix)
 
     @property
     def tokens_per_second(self) -> float:
@@ -68,6 +69,11 @@ class LMPolicy:
     env: Environment | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
     _vocab: Vocab | None = field(default=None, repr=False)  # built on the first constrained call
+    # One prompt at a time (the one-browser loop's later steps), the next step's prompt repeats the
+    # last one up to its history ("Done so far: ..."), so the last call's KV cache is kept and only
+    # the tokens after the shared prefix are prefilled (prefill is most of a ~250-token step).
+    reuse_prefix: bool = True
+    _last: tuple | None = field(default=None, repr=False)  # (token ids the cache covers, DynamicCache)
 
     def propose(self, prompts: list[str], observations: list[Any], num_samples: int, sampling: Sampling, seed: int) -> list[list[str]]:
         if sampling.explores and sampling.temperature > 0 and num_samples > 1:
@@ -147,6 +153,8 @@ class LMPolicy:
         with torch.no_grad():
             if kwargs["do_sample"] and per > 1:
                 gen = self._sample_shared_prefill(enc, per, kwargs)
+            elif self.reuse_prefix and len(texts) == 1:
+                gen = self._generate_reusing_prefix(enc, kwargs)
             else:
                 gen = self.model.generate(**enc, **kwargs)
         self.stats.seconds += time.perf_counter() - t0
@@ -163,6 +171,26 @@ class LMPolicy:
         eos = self.model.generation_config.eos_token_id
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos if eos is not None else self.tokenizer.eos_token_id,)
         return AnswerConstraint(self._vocab, spaces, heads, per, eos)
+
+    def _generate_reusing_prefix(self, enc, kwargs: dict):
+        """generate() for one prompt on the last call's KV cache, cropped to the tokens the two
+        sequences share: the same computation as a plain generate (keys and values of a position
+        depend only on the tokens before it), minus the shared prefill."""
+        from transformers import DynamicCache
+
+        ids, cache, shared = enc["input_ids"][0], None, 0
+        if self._last is not None:
+            last_ids, cache = self._last
+            n = min(len(last_ids), len(ids) - 1, cache.get_seq_length())  # at least one new token is fed
+            differs = (last_ids[:n] != ids[:n]).nonzero()
+            shared = int(differs[0, 0]) if len(differs) else n
+            cache.crop(shared - cache.get_seq_length())  # transformers 5: minus the tokens to drop
+        cache = cache if shared else DynamicCache()
+        self._last = None  # generate() extends the cache in place: a failed call leaves nothing to reuse
+        gen = self.model.generate(**enc, **kwargs, past_key_values=cache)
+        self._last = (gen[0], cache)
+        self.stats.reused_tokens += shared
+        return gen
 
     def _sample_shared_prefill(self, enc, k: int, kwargs: dict):
         """K samples per prompt from one prefill: the prompt's KV cache is computed once and

@@ -46,3 +46,20 @@ def test_verbs_strategy_splits_samples_over_the_verbs_the_page_allows(policy):
     assert policy.propose([render_prompt(form)], [form], 4, s, seed=1) == [with_field]  # seeded
     with pytest.raises(ValueError, match="strategy"):
         Sampling(strategy="beam")
+
+
+def test_prefix_reuse_decodes_exactly_like_plain_generate(policy):
+    """One prompt at a time, a step's prompt extends the last one (the history grows); the cached
+    prefix must be the same computation: greedy answers agree, and the shared tokens were reused."""
+    from dataclasses import replace
+
+    history = PROMPTS[0] + '\nDone so far:\n- click button "ok"'
+    steps = [PROMPTS[0], history, history + '\n- click button "Cancel"', PROMPTS[1], PROMPTS[1]]  # then another page, twice
+    s = Sampling(temperature=0.0, max_new_tokens=8, constrained=False)
+    plain = replace(policy, reuse_prefix=False, stats=type(policy.stats)())
+    reusing = replace(policy, reuse_prefix=True, stats=type(policy.stats)(), _last=None)
+    for p, o in zip(steps, [OBS[0]] * 3 + [OBS[1]] * 2):
+        assert reusing.propose([p], [o], 1, s, seed=0) == plain.propose([p], [o], 1, s, seed=0)
+    assert plain.stats.reused_tokens == 0
+    # Every later call shares at least the chat header; the history steps share the whole last prompt.
+    assert reusing.stats.reused_tokens > 2 * len(policy.tokenizer(policy._chat(PROMPTS[0])).input_ids)
