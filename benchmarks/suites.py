@@ -7,7 +7,8 @@ mean success; DPO - SFT, DPO - RFT and DPO - ETO with paired 95% intervals poole
 seeds; pairs, yield, wall time; then DPO - RFT pooled over all suites.
 
 Suites: `default` (the preset's), `full` (every supported task), and `random:K` — K disjoint random
-subsets of 2-6 supported tasks drawn by `--draw-seed` (a suite nobody picked).
+subsets of 2-6 supported tasks drawn by `--draw-seed` (a suite nobody picked), named `random<draw>-<i>`;
+that name alone runs the one suite (so a draw can run suite by suite).
 
     python benchmarks/suites.py --suites default,random:3 --draw-seed 7 --train-seeds 0,1 --eval-offset 5000
     python benchmarks/suites.py --table-only
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import shlex
 import sys
 import time
@@ -60,8 +62,13 @@ def resolve_suites(spec: str, preset_name: str, draw_seed: int) -> dict[str, lis
         elif part.startswith("random:"):
             for i, tasks in enumerate(draw_suites(int(part.split(":")[1]), draw_seed)):
                 out[f"random{draw_seed}-{i}"] = tasks
+        elif m := re.fullmatch(r"random(\d+)-(\d+)", part):  # one suite of a draw, by the name the table gives it
+            drawn = draw_suites(int(m[2]) + 1, int(m[1]))
+            if len(drawn) <= int(m[2]):
+                raise ValueError(f"suite {part!r}: draw {m[1]} has only {len(drawn)} suites")
+            out[part] = drawn[int(m[2])]
         else:
-            raise ValueError(f"unknown suite {part!r}: use default, full or random:K")
+            raise ValueError(f"unknown suite {part!r}: use default, full, random:K (with --draw-seed) or a drawn suite's name (random7-1)")
     return out
 
 
@@ -135,7 +142,7 @@ def table(results: dict) -> tuple[list[dict], str]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--suites", default="default", help="comma-separated: default, full, random:K")
+    ap.add_argument("--suites", default="default", help="comma-separated: default, full, random:K, or one drawn suite by name (random7-1)")
     ap.add_argument("--draw-seed", type=int, default=0, help="seed that draws the random suites")
     ap.add_argument("--train-seeds", default="0,1", help="training seeds per suite")
     ap.add_argument("--preset", default="default")

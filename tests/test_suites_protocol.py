@@ -20,6 +20,13 @@ def test_draw_stops_when_the_pool_runs_out():
     assert sum(len(s) for s in draw_suites(50, 1, TASKS[:9])) <= 9
 
 
+def test_a_drawn_suite_runs_alone_by_its_name():
+    drawn = resolve_suites("random:3", "default", 29)
+    assert resolve_suites("random29-2", "default", 0) == {"random29-2": drawn["random29-2"]}
+    with pytest.raises(ValueError, match="has only"):
+        resolve_suites("random29-40", "default", 0)
+
+
 def test_unknown_suite_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown suite"):
         resolve_suites("everything", "default", 0)
