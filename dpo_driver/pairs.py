@@ -198,7 +198,7 @@ def to_kto_records(episodes: list[dict], parse: Callable[[str], Parsed] | None =
             for st in ep["steps"]:
                 if shortest_only and ep["num_steps"] - st["step"] > shortest[st["prompt"]]:
                     continue
-                good.setdefault((st["prompt"], st["action"] or st["output"].strip()), ep)
+                good.setdefault((st["prompt"], _step_key(st)), ep)
         elif ep["steps"]:
             last = ep["steps"][-1]
             out = last["output"].strip()
