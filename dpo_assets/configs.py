@@ -113,6 +113,8 @@ class DPOAdapterConfig(dg.Config):
     max_length: int = Field(default(DPOParams, "max_length"), description="trl.DPOConfig.max_length (tokens)")
     seed: int = Field(default(DPOParams, "seed"), description="training seed")
     checkpoint_steps: int = Field(default(DPOParams, "checkpoint_steps"), description="trl.DPOConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
+    shared_prompt: bool = Field(default(DPOParams, "shared_prompt"), description="one forward per pair, chosen and rejected sharing the prompt's "
+                                "tokens: TRL's loss and gradient from about half the tokens; off = TRL's two rows per pair")
 
 
 class EvaluationConfig(dg.Config):

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from .io import atomic_write_text, replace_dir
 from .model import bf16_is_native, load_model_and_tokenizer
+from .shared_prompt import share_prompts
 
 
 @dataclass
@@ -72,6 +73,7 @@ class DPOParams:
     load_in_4bit: bool = False  # QLoRA: 4-bit NF4 base via bitsandbytes (CUDA only)
     gradient_checkpointing: bool = False  # TRL defaults this to True; off is faster for small models
     checkpoint_steps: int = 0  # optimizer steps between resumable checkpoints in the scratch dir; 0 = none
+    shared_prompt: bool = True  # one forward per pair, chosen and rejected sharing the prompt's tokens (see shared_prompt.py)
 
 
 @dataclass
@@ -448,7 +450,10 @@ def build_dpo_trainer(
         loss_weights=params.loss_weights,
     )
     trainer_cls = _anchored(DPOTrainer, anchor, params) if params.anchor_weight > 0 else DPOTrainer
-    return _preference_trainer(trainer_cls, model, tokenizer, config, records, on_log)
+    trainer = _preference_trainer(trainer_cls, model, tokenizer, config, records, on_log)
+    if params.shared_prompt:
+        share_prompts(trainer.model.get_base_model())
+    return trainer
 
 
 def train_dpo(

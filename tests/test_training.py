@@ -375,3 +375,66 @@ def test_chosen_sft_steps_is_sft_on_the_chosen_side_then_dpo_from_it(sft, tmp_pa
     written = stage.stat().st_mtime_ns
     build_dpo_trainer("tiny-random", start, DPO_RECORDS, tmp_path / "scratch", params, anchor=SFT_RECORDS[:2])
     assert stage.stat().st_mtime_ns == written
+
+
+def test_pack_pairs_makes_one_row_per_pair():
+    """TRL's collator example: two pairs as four right-padded rows become two rows, each the chosen
+    row then the rejected tail from the last shared token, which restarts at that token's position
+    and cannot see the chosen tail."""
+    from dpo_driver.shared_prompt import pack_pairs
+
+    ids = torch.tensor([[1, 2, 3, 4, 5], [7, 8, 9, 0, 0], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0]])
+    attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    completion = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 0]])
+    labels = ids.masked_fill(completion == 0, -100)
+    p = pack_pairs(ids, attn, labels, pad_id=0)
+    assert p.input_ids.tolist() == [[1, 2, 3, 4, 5, 3, 6], [7, 8, 9, 8, 10, 11, 0]]
+    assert p.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3]
+    assert p.position_ids[1, :6].tolist() == [0, 1, 2, 1, 2, 3]
+    assert p.shift_labels[0].tolist() == [-100, -100, 4, 5, -100, 6, -100]
+    assert p.shift_labels[1, :6].tolist() == [-100, 9, -100, 10, 11, -100]
+    # The rejected tail (packed 5..6) sees the prompt's first two tokens and itself, not 3 4 5 of the chosen row.
+    assert p.allowed[0, 0, 6].tolist() == [True, True, False, False, False, True, True]
+    assert p.allowed[0, 0, 4].tolist() == [True] * 5 + [False, False]
+    # Not TRL's pair layout: odd rows, or rows that share no token.
+    assert pack_pairs(ids[:3], attn[:3], labels[:3], pad_id=0) is None
+    other = ids.clone()
+    other[2, 0] = 99
+    assert pack_pairs(other, attn, labels, pad_id=0) is None
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_dpo_is_the_same_loss_and_gradient(sft, tmp_path, monkeypatch, attn):
+    """DPO with chosen and rejected sharing one forward per pair gives TRL's loss, gradient, metrics
+    and reference log-probs, on pairs whose prompts differ in length and whose answers share tokens;
+    and the model really sees one row per pair."""
+    from dpo_driver import shared_prompt
+
+    records = [dict(r, rejected=[{"role": "assistant", "content": 'click button "zz"'}]) for r in DPO_RECORDS[:2]] + DPO_RECORDS[9:11]
+    records[3] = dict(records[3], prompt=[{"role": "user", "content": records[3]["prompt"][0]["content"] + " and more words here"}])
+    packed_rows = []
+    pack = shared_prompt.pack_pairs
+    monkeypatch.setattr(shared_prompt, "pack_pairs", lambda *a: packed_rows.append(len((p := pack(*a)).input_ids)) or p)
+    got = {}
+    for shared in (False, True):
+        trainer = build_dpo_trainer("tiny-random", sft[0].adapter_dir, records, tmp_path / str(shared),
+                                    replace(DPO, bf16=False, shared_prompt=shared))
+        trainer.model.get_base_model().set_attn_implementation(attn)
+        batch = next(iter(trainer.get_train_dataloader()))
+        trainer.model.train()
+        with torch.no_grad():  # move the policy off its reference, so the loss is not log 2 whatever the logps
+            for name, w in trainer.model.named_parameters():
+                if w.requires_grad:
+                    w.add_(0.01 * torch.randn(w.shape, generator=torch.Generator().manual_seed(len(name))))
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grad = torch.cat([w.grad.flatten() for w in trainer.model.parameters() if w.grad is not None])
+        ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+        got[shared] = loss.detach(), grad, ref, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert packed_rows == [4, 4, 4]  # the shared run's policy, reference and compute_ref_log_probs forwards: a row per pair
+    (loss0, grad0, ref0, m0), (loss1, grad1, ref1, m1) = got[False], got[True]
+    assert abs(loss0.item() - 0.6931) > 1e-3
+    torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad1, grad0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ref1, ref0, atol=1e-4, rtol=1e-5)
+    assert m1.keys() == m0.keys() and all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-5) for k in m0)
