@@ -27,7 +27,7 @@ class SFTAdapterConfig(dg.Config):
     min_steps: int = Field(default(SFTParams, "min_steps"), description="optimizer-step floor of the epoch budget (max_steps 0)")
     per_device_train_batch_size: int = Field(default(SFTParams, "per_device_train_batch_size"), description="trl.SFTConfig.per_device_train_batch_size")
     gradient_accumulation_steps: int = Field(default(SFTParams, "gradient_accumulation_steps"), description="trl.SFTConfig.gradient_accumulation_steps")
-    max_length: int = Field(default(SFTParams, "max_length"), description="trl.SFTConfig.max_length (tokens); longer demos are truncated")
+    max_length: int = Field(default(SFTParams, "max_length"), description="trl.SFTConfig.max_length (tokens); a longer demo fails training with a clear error (truncating would cut its answer off)")
     seed: int = Field(default(SFTParams, "seed"), description="training seed")
     checkpoint_steps: int = Field(default(SFTParams, "checkpoint_steps"), description="trl.SFTConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
     scrub_pii: bool = Field(True, description="replace PII (dpo_driver.pii) in the demos before they are stored as training data; "
@@ -110,7 +110,7 @@ class DPOAdapterConfig(dg.Config):
     min_steps: int = Field(default(DPOParams, "min_steps"), description="optimizer-step floor of the epoch budget (max_steps 0)")
     per_device_train_batch_size: int = Field(default(DPOParams, "per_device_train_batch_size"), description="trl.DPOConfig.per_device_train_batch_size")
     gradient_accumulation_steps: int = Field(default(DPOParams, "gradient_accumulation_steps"), description="trl.DPOConfig.gradient_accumulation_steps")
-    max_length: int = Field(default(DPOParams, "max_length"), description="trl.DPOConfig.max_length (tokens)")
+    max_length: int = Field(default(DPOParams, "max_length"), description="trl.DPOConfig.max_length (tokens); a longer pair or anchor demo fails training with a clear error (truncating would cut its answer off)")
     seed: int = Field(default(DPOParams, "seed"), description="training seed")
     checkpoint_steps: int = Field(default(DPOParams, "checkpoint_steps"), description="trl.DPOConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")
     shared_prompt: bool = Field(default(DPOParams, "shared_prompt"), description="one forward per pair, chosen and rejected sharing the prompt's "

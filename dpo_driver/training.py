@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from .io import atomic_write_text, replace_dir
-from .model import bf16_is_native, load_model_and_tokenizer
+from .model import bf16_is_native, load_model_and_tokenizer, resolve_model
 from .shared_prompt import share_prompts
 
 
@@ -43,7 +43,7 @@ class SFTParams:
     min_steps: int = 20  # optimizer-step floor of the epoch budget (max_steps 0)
     per_device_train_batch_size: int = 8  # examples per step before accumulation
     gradient_accumulation_steps: int = 1  # steps summed per optimizer update
-    max_length: int = 512  # tokens per prompt+completion; longer ones are truncated at the end
+    max_length: int = 2048  # tokens per prompt+completion; a longer record fails training (see check_lengths)
     seed: int = 0  # seeds data order and LoRA init
     logging_steps: int = 5  # optimizer steps between on_log calls
     bf16: bool | None = None  # bf16 base weights + autocast; None = where bf16 is native (CUDA, AVX512-BF16/AMX CPU)
@@ -66,7 +66,7 @@ class DPOParams:
     min_steps: int = 30  # optimizer-step floor of the epoch budget (max_steps 0)
     per_device_train_batch_size: int = 4  # pairs per step before accumulation
     gradient_accumulation_steps: int = 1  # steps summed per optimizer update
-    max_length: int = 512  # tokens per prompt+response; longer ones are truncated at the end
+    max_length: int = 2048  # tokens per prompt+response; a longer record fails training (see check_lengths)
     seed: int = 0  # seeds data order
     logging_steps: int = 5  # optimizer steps between on_log calls
     bf16: bool | None = None  # bf16 base weights + autocast; None = where bf16 is native (CUDA, AVX512-BF16/AMX CPU)
@@ -99,6 +99,32 @@ def _check_records(records: list[dict], fn: str, keys: tuple[str, ...]) -> None:
         missing = [k for k in keys if k not in record]
         if missing:
             raise ValueError(f"{fn}: record {i} lacks {missing}; every record needs keys {keys}.")
+
+
+def check_lengths(tokenizer, records: list[dict], max_length: int, fn: str) -> None:
+    """Fail when a record's prompt + answer (each of `completion`, `chosen`, `rejected` it has) is
+    longer than `max_length` tokens in the chat template.
+
+    Why: TRL cuts such a record at the end, i.e. its answer, and then drops it or trains on a
+    fragment, silently. At the old 512, 650 of 676 social-media-some steps (pages of 500-811
+    tokens) lost their answers, so SFT and DPO never saw that task's actions while its evaluation
+    (which generates on the whole page) counted it.
+    """
+    longest, over = 0, []
+    for i, r in enumerate(records):
+        prompt = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+        for key in ("completion", "chosen", "rejected"):
+            if key in r:
+                answer = r[key] if isinstance(r[key], list) else [{"role": "assistant", "content": r[key]}]
+                n = len(tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"])
+                longest = max(longest, n)
+                if n > max_length:
+                    over.append(i)
+                    break
+    if over:
+        raise ValueError(f"{fn}: {len(over)} of {len(records)} records are longer than max_length {max_length} tokens "
+                         f"(longest {longest}; first: record {over[0]}, task {records[over[0]].get('task', '?')!r}); training would "
+                         "cut their answers off. Raise max_length.")
 
 
 def _use_bf16(bf16: bool | None) -> bool:
@@ -198,6 +224,7 @@ def build_sft_trainer(
 
     _check_records(records, "train_sft", ("prompt", "completion"))
     model, tokenizer = _load_base(base_model, params)
+    check_lengths(tokenizer, records, params.max_length, "train_sft")
     lora = None
     if init_adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True)
@@ -273,7 +300,13 @@ def _train_in_scratch(build: Callable[[Path], object], records: list[dict], outp
     scratch.mkdir(parents=True, exist_ok=True)
     if not stamp.is_file():
         atomic_write_text(stamp, fingerprint + "\n")
-    result = _run(build(scratch), records, output_dir, last_checkpoint(scratch))
+    try:
+        trainer = build(scratch)
+    except Exception:
+        if {p.name for p in scratch.iterdir()} <= {stamp.name}:
+            shutil.rmtree(scratch)  # refused before anything trained (bad records): nothing left behind
+        raise
+    result = _run(trainer, records, output_dir, last_checkpoint(scratch))
     shutil.rmtree(scratch)  # only on success: a failed or killed run leaves its checkpoints for the retry
     return result
 
@@ -439,6 +472,9 @@ def build_dpo_trainer(
     if params.anchor_weight > 0 and not anchor:
         raise ValueError(f"DPO anchor_weight is {params.anchor_weight} but no anchor records (the SFT demos) were given; "
                          "pass them, or set anchor_weight 0.")
+    from transformers import AutoTokenizer  # the lengths are checked before the chosen-side stage trains
+
+    check_lengths(AutoTokenizer.from_pretrained(resolve_model(base_model)), records + list(anchor or []), params.max_length, "train_dpo")
     if params.chosen_sft_steps > 0:
         sft_adapter_dir = _chosen_sft(base_model, sft_adapter_dir, records, anchor, Path(scratch_dir), params)
     model, tokenizer = _trainable_start(base_model, sft_adapter_dir, params)
@@ -496,6 +532,7 @@ def build_kto_trainer(
     if desirable == 0 or desirable == len(records):
         raise ValueError(f"train_kto needs desirable and undesirable records; got {desirable} of {len(records)} desirable.")
     model, tokenizer = _trainable_start(base_model, start_adapter_dir, params)
+    check_lengths(tokenizer, records, params.max_length, "train_kto")
     config = KTOConfig(
         **_trainer_args(params, Path(scratch_dir), len(records)),
         beta=params.beta,

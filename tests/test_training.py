@@ -438,3 +438,20 @@ def test_shared_prompt_dpo_is_the_same_loss_and_gradient(sft, tmp_path, monkeypa
     torch.testing.assert_close(grad1, grad0, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ref1, ref0, atol=1e-4, rtol=1e-5)
     assert m1.keys() == m0.keys() and all(m1[k] == pytest.approx(m0[k], rel=1e-4, abs=1e-5) for k in m0)
+
+
+def test_a_record_longer_than_max_length_fails_training_and_writes_nothing(sft, tmp_path):
+    """TRL would cut such a record at its end, its answer, and drop it or train on a fragment,
+    silently; training names the records instead, before anything trains."""
+    long_prompt = [{"role": "user", "content": "Task: Click on the button. " + "filler words here " * 40}]
+    long_sft = SFT_RECORDS[:3] + [{"prompt": long_prompt, "completion": SFT_RECORDS[0]["completion"], "task": "social-media"}]
+    with pytest.raises(ValueError, match=r"train_sft: 1 of 4 records are longer than max_length 64 tokens .*record 3, task 'social-media'"):
+        train_sft("tiny-random", long_sft, tmp_path / "sft", replace(SFT, max_length=64))
+    long_pair = {"prompt": long_prompt, "chosen": DPO_RECORDS[0]["chosen"], "rejected": DPO_RECORDS[0]["rejected"]}
+    params = replace(DPO, max_length=64, chosen_sft_steps=2)
+    with pytest.raises(ValueError, match=r"train_dpo: 1 of 5 records are longer than max_length 64"):
+        train_dpo("tiny-random", sft[0].adapter_dir, DPO_RECORDS[:4] + [long_pair], tmp_path / "dpo", params)
+    with pytest.raises(ValueError, match=r"train_dpo: 1 of 6 records"):  # an anchor demo counts too
+        train_dpo("tiny-random", sft[0].adapter_dir, DPO_RECORDS[:4], tmp_path / "dpo", replace(params, anchor_weight=1.0),
+                  anchor=long_sft[2:])
+    assert list(tmp_path.iterdir()) == []
