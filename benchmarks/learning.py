@@ -320,6 +320,8 @@ def run(args) -> dict:
     frame = pd.DataFrame([{**e, "policy": ("dpo" if p == final else p)} for p, eps in eval_eps.items()
                           for e in eps if p in ("sft", "rft", "random", final)])
     frame = frame[~frame["env_error"]]
+    if final == "sft":  # --rounds 0: SFT (and the random baseline) only; its rows, labelled "dpo" above, are SFT's too
+        frame = pd.concat([frame, frame[frame["policy"] == "dpo"].assign(policy="sft")])
     report = build_report(frame[["policy", "task", "seed", "success"]], baseline="sft", candidate="dpo", seed=args.seed)
     out = {"command": " ".join(shlex.quote(a) for a in sys.argv), "environment": env.name, "preset": args.preset, "seed": args.seed, "task_suite": tasks,
            "model": model_name, "sft_adapter_reused": args.sft_adapter or None, "tasks": {}, "rounds": rounds, "final_policy": final, "wall_seconds": clock.wall,
@@ -339,10 +341,15 @@ def run(args) -> dict:
     for p in ("sft", "dpo", "rft", "random"):
         if f"{p}_rate" in report.table:
             out[f"mean_{p}"] = round(float(report.table.loc["mean", f"{p}_rate"]), 4)
-    out["dpo_minus_sft_points"] = round(report.summary["dpo_minus_sft_points"], 1)
-    out["diff_ci_low_points"] = round(report.summary["diff_ci_low_points"], 1)
-    out["diff_ci_high_points"] = round(report.summary["diff_ci_high_points"], 1)
-    out["decision"] = report.decision
+    if final == "sft":  # the "dpo" column above is SFT itself: drop it and the comparison
+        for row in out["tasks"].values():
+            row.pop("dpo"), row.pop("dpo_minus_sft_points")
+        out.pop("mean_dpo")
+    if final != "sft":
+        out["dpo_minus_sft_points"] = round(report.summary["dpo_minus_sft_points"], 1)
+        out["diff_ci_low_points"] = round(report.summary["diff_ci_low_points"], 1)
+        out["diff_ci_high_points"] = round(report.summary["diff_ci_high_points"], 1)
+        out["decision"] = report.decision
     if "rft" in eval_eps:
         d, lo, hi = _paired_diff(eval_eps["rft"], eval_eps[final], args.seed)
         out.update(dpo_minus_rft_points=round(100 * d, 1), dpo_minus_rft_ci_low_points=round(100 * lo, 1),
@@ -365,6 +372,8 @@ def run(args) -> dict:
     # Per-episode success of every evaluated policy ("task:seed" -> 0/1, browser faults left out), so
     # benchmarks/suites.py can pool paired differences over training seeds and suites.
     named = {"sft": "sft", "dpo": final, "rft": "rft", "random": "random", "eto": "arm:eto", "base": "base", "zero_dpo": "zero_dpo"}
+    if final == "sft":
+        named.pop("dpo")
     out["eval_success"] = {k: {f"{e['task']}:{e['seed']}": int(e["success"]) for e in eval_eps[v] if not e["env_error"]}
                            for k, v in named.items() if v in eval_eps}
     for arm in objective_arms:
@@ -384,7 +393,7 @@ def run(args) -> dict:
     # What the Dagster DAG runs for one round (demos -> SFT -> rollouts -> pairs -> DPO -> evaluation
     # of SFT and DPO), without the controls and baselines only the benchmark adds.
     out["wall_seconds"]["loop"] = round(sum(clock.wall.get(k, 0.0) for k in LOOP_STAGES), 1)
-    out["report_markdown"] = report.markdown
+    out["report_markdown"] = report.markdown if final != "sft" else None
     return out
 
 
@@ -394,12 +403,14 @@ def print_table(res: dict) -> None:
           f"{res['precision']} on {res['cpu_threads']} threads\n"
           + ", ".join(f"{k} {pkgs[k]}" for k in ("torch", "transformers", "trl", "peft", "miniwob") if k in pkgs))
     pols = [p for p in ("sft", "dpo", "rft", "random") if f"mean_{p}" in res]
-    print(f"\n{'task':<14}" + "".join(f"{p:>9}" for p in pols) + f"{'DPO-SFT':>9}{'n':>5}")
+    compared = "dpo_minus_sft_points" in res
+    print(f"\n{'task':<14}" + "".join(f"{p:>9}" for p in pols) + (f"{'DPO-SFT':>9}" if compared else "") + f"{'n':>5}")
     for t, row in res["tasks"].items():
-        print(f"{t:<14}" + "".join(f"{row[p]:>9.0%}" for p in pols) + f"{row['dpo_minus_sft_points']:>+9.1f}{row['n']:>5}")
-    print(f"{'mean':<14}" + "".join(f"{res['mean_' + p]:>9.0%}" for p in pols) + f"{res['dpo_minus_sft_points']:>+9.1f}")
-    print(f"\nDPO - SFT: {res['dpo_minus_sft_points']:+.1f} points, 95% CI [{res['diff_ci_low_points']:+.1f}, "
-          f"{res['diff_ci_high_points']:+.1f}] -> {res['decision']}")
+        print(f"{t:<14}" + "".join(f"{row[p]:>9.0%}" for p in pols) + (f"{row['dpo_minus_sft_points']:>+9.1f}" if compared else "") + f"{row['n']:>5}")
+    print(f"{'mean':<14}" + "".join(f"{res['mean_' + p]:>9.0%}" for p in pols) + (f"{res['dpo_minus_sft_points']:>+9.1f}" if compared else ""))
+    if compared:
+        print(f"\nDPO - SFT: {res['dpo_minus_sft_points']:+.1f} points, 95% CI [{res['diff_ci_low_points']:+.1f}, "
+              f"{res['diff_ci_high_points']:+.1f}] -> {res['decision']}")
     if "dpo_minus_rft_points" in res:
         print(f"DPO - RFT: {res['dpo_minus_rft_points']:+.1f} points, 95% CI [{res['dpo_minus_rft_ci_low_points']:+.1f}, "
               f"{res['dpo_minus_rft_ci_high_points']:+.1f}] -> {res['dpo_beats_rft']}")
@@ -435,7 +446,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--preset", default="default", help="dpo_assets.presets name (tiny, default)")
     ap.add_argument("--model", default="", help="override the preset's base model (preset name, path or HF id)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=1, help="on-policy rounds of rollouts -> pairs -> DPO")
+    ap.add_argument("--rounds", type=int, default=1, help="on-policy rounds of rollouts -> pairs -> DPO; 0 = SFT and its evaluation only")
     ap.add_argument("--arms", default="rft", help="comma-separated arms on the same rollouts: rft (SFT on chosen), none, eto "
                     "(DPO on expert-chosen / policy-failed pairs), zero (DPO from the base model with zero demos, candidate "
                     "exploration), kto "

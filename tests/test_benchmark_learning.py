@@ -84,3 +84,16 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     tool = evaluate([f"sft={sft}", "--env", "tooluse", "--tasks", "calculator", "--eval-seeds", "2", "--model", "tiny-random"])
     assert tool["environment"] == "tooluse" and tool["tasks"] == ["calculator"] and tool["constrained"] and not ev["constrained"]
     assert len(tool["adapters"]["sft"]["by_item"]) == 2 and all(k.startswith("calculator/") for k in tool["adapters"]["sft"]["by_item"])
+
+
+def test_learning_benchmark_rounds_0_is_sft_only(tmp_path, monkeypatch):
+    """`--rounds 0` trains and evaluates SFT (and the random baseline) and reports no DPO comparison."""
+    monkeypatch.setenv("DPO_DRIVER_CACHE", str(tmp_path / "models"))
+    from benchmarks.learning import main
+
+    res = main(["--preset", "tiny", "--rounds", "0", "--eval-seeds", "2", "--json", str(tmp_path / "r0.json")])
+    assert json.loads((tmp_path / "r0.json").read_text())["tasks"] == res["tasks"]
+    assert res["tasks"].keys() == {"click-tab", "enter-text"}
+    assert all(row.keys() == {"sft", "random", "n"} and row["n"] == 2 for row in res["tasks"].values())
+    assert "mean_sft" in res and "mean_dpo" not in res and "dpo_minus_sft_points" not in res and res["rounds"] == []
+    assert res["eval_success"].keys() == {"sft", "random"}
