@@ -25,11 +25,12 @@ TINY = {
     },
     "ops": {
         # A test preset on fixed data: epoch budgets (max_steps 0) keep its runs as short as they were;
-        # one SFT round (a random model never matches the expert).
-        "sft_adapter": {"config": {"max_steps": 0, "until_expert_match": 0.0, "validation_max_new_tokens": 12, "num_train_epochs": 10.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4, "max_length": 256}},
+        # one SFT round (a random model never matches the expert). max_length is the default's: the tiny
+        # tokenizer spells tool-use records in up to ~400 tokens, which 256 cut at their answers.
+        "sft_adapter": {"config": {"max_steps": 0, "until_expert_match": 0.0, "validation_max_new_tokens": 12, "num_train_epochs": 10.0, "learning_rate": 1e-2, "per_device_train_batch_size": 4}},
         "rollout_trajectories": {"config": {"samples_per_seed": 4, "temperature": 0.7, "top_k": 3, "max_new_tokens": 12, "max_steps": 3}},
         "preference_pairs": {"config": {"min_margin": 0.5, "rejected_must_parse": False}},
-        "dpo_adapter": {"config": {"max_steps": 0, "num_train_epochs": 1.0, "min_steps": 0, "per_device_train_batch_size": 2, "max_length": 256}},
+        "dpo_adapter": {"config": {"max_steps": 0, "num_train_epochs": 1.0, "min_steps": 0, "per_device_train_batch_size": 2}},
         "evaluation_report": {"config": {"max_new_tokens": 12, "max_steps": 3, "n_boot": 1000}},
         # The random model learns the answer format, not the pages: the gate checks the format only.
         "sft_adapter_validation": {"config": {"min_valid_fraction": 0.5, "min_expert_match": 0.0}},
