@@ -345,7 +345,7 @@ def run(args) -> dict:
         for row in out["tasks"].values():
             row.pop("dpo"), row.pop("dpo_minus_sft_points")
         out.pop("mean_dpo")
-    if final != "sft":
+    else:
         out["dpo_minus_sft_points"] = round(report.summary["dpo_minus_sft_points"], 1)
         out["diff_ci_low_points"] = round(report.summary["diff_ci_low_points"], 1)
         out["diff_ci_high_points"] = round(report.summary["diff_ci_high_points"], 1)

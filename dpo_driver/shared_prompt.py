@@ -34,7 +34,7 @@ class Packed:
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pad_id: int) -> Packed | None:
     """Pack TRL's preference batch ([chosen rows; rejected rows], right-padded) into one row per pair;
     None when the batch is not that layout (odd rows, holes in a mask, rows sharing no token)."""
-    n, width = input_ids.shape
+    n = input_ids.size(0)
     if n == 0 or n % 2:
         return None
     lengths = attention_mask.sum(1).tolist()
@@ -72,8 +72,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     for i, (row, (lc, s)) in enumerate(zip(rows, spans, strict=True)):
         ids[i, :len(row)], position_ids[i, :len(row)], shift_labels[i, :len(row)] = row, pos[i], labs[i]
         allowed[i, 0, :, len(row):] = False
-        allowed[i, 0, lc:, s - 1:lc] = False  # the rejected tail never sees the chosen tail
-        allowed[i, 0, len(row):, 0] = True  # padding queries keep one key: a softmax over nothing is NaN
+        allowed[i, 0, lc:, s - 1:lc] = False  # the rejected tail never sees the chosen tail (padding queries keep its keys)
     def flat(parts):
         return (torch.cat([torch.full_like(t, row) for row, t in parts]), torch.cat([t for _, t in parts]))
     device = input_ids.device

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .dpo_gates import _chat_ids, _messages  # the chat templating the gates score pairs with
 from .io import atomic_write_text, replace_dir
 from .model import bf16_is_native, load_model_and_tokenizer, resolve_model
 from .shared_prompt import share_prompts
@@ -112,11 +113,10 @@ def check_lengths(tokenizer, records: list[dict], max_length: int, fn: str) -> N
     """
     longest, over = 0, []
     for i, r in enumerate(records):
-        prompt = r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+        prompt = _messages(r["prompt"], "user")
         for key in ("completion", "chosen", "rejected"):
             if key in r:
-                answer = r[key] if isinstance(r[key], list) else [{"role": "assistant", "content": r[key]}]
-                n = len(tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"])
+                n = len(_chat_ids(tokenizer, prompt + _messages(r[key], "assistant")))
                 longest = max(longest, n)
                 if n > max_length:
                     over.append(i)
