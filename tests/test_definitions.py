@@ -1,3 +1,5 @@
+import os
+
 import dagster as dg
 
 from dpo_assets import definitions
@@ -50,3 +52,26 @@ def test_presets_are_valid_run_config_for_the_job():
         assert job.run_config_schema.config_type is not None
         result = dg.validate_run_config(job, cfg)
         assert result, name
+
+
+@dg.op
+def parent_cmdline() -> str:
+    with open(f"/proc/{os.getppid()}/cmdline") as f:
+        return f.read().replace("\0", " ")
+
+
+@dg.job(executor_def=definitions.EXECUTOR)
+def forked_job():
+    parent_cmdline()
+
+
+def test_steps_fork_from_a_server_that_imported_the_definitions(tmp_path, monkeypatch):
+    """Each step still gets its own process, but forked from one that imported the code location
+    once: a spawned step paid ~12 s of imports before it began."""
+    monkeypatch.syspath_prepend(os.path.dirname(__file__))  # the step processes import this module by name
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        with dg.execute_job(dg.reconstructable(forked_job), instance=instance) as result:
+            assert result.success
+            parent = result.output_for_node("parent_cmdline")
+    assert "multiprocessing.forkserver" in parent and "dpo_assets.definitions" in parent
+    assert definitions.defs.resolve_job_def("dpo_loop").executor_def is definitions.EXECUTOR

@@ -104,6 +104,15 @@ def test_sft_reports_progress_and_learns(sft):
         assert seq_logps(tuned, batch) > seq_logps(base, batch) + 1.0
 
 
+def test_load_policy_keeps_the_adapter_in_the_base_dtype(sft):
+    """bf16 LoRA weights repeat training's autocast arithmetic; an fp32 upcast only slows prefill."""
+    result, _ = sft
+    for dtype, want in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        model, _ = load_policy("tiny-random", result.adapter_dir, dtype=dtype)
+        lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+        assert lora == {want} and {p.dtype for n, p in model.named_parameters()} == {want}
+
+
 def test_sft_without_records_writes_nothing(tmp_path):
     out = tmp_path / "nested" / "sft"
     with pytest.raises(ValueError, match="no records"):
