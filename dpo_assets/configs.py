@@ -27,6 +27,8 @@ class SFTAdapterConfig(dg.Config):
     min_steps: int = Field(default(SFTParams, "min_steps"), description="optimizer-step floor of the epoch budget (max_steps 0)")
     per_device_train_batch_size: int = Field(default(SFTParams, "per_device_train_batch_size"), description="trl.SFTConfig.per_device_train_batch_size")
     gradient_accumulation_steps: int = Field(default(SFTParams, "gradient_accumulation_steps"), description="trl.SFTConfig.gradient_accumulation_steps")
+    micro_batch_size: int = Field(default(SFTParams, "micro_batch_size"), description="run each batch as micro-batches of this many demos, "
+                                  "gradients summed: the same examples and loss per step, no padding to the batch's longest; 0 = one pass")
     max_length: int = Field(default(SFTParams, "max_length"), description="trl.SFTConfig.max_length (tokens); a longer demo fails training with a clear error (truncating would cut its answer off)")
     seed: int = Field(default(SFTParams, "seed"), description="training seed")
     checkpoint_steps: int = Field(default(SFTParams, "checkpoint_steps"), description="trl.SFTConfig.save_steps: a retry of this run resumes from the last checkpoint; 0 = none")

@@ -464,3 +464,46 @@ def test_a_record_longer_than_max_length_fails_training_and_writes_nothing(sft, 
         train_dpo("tiny-random", sft[0].adapter_dir, DPO_RECORDS[:4], tmp_path / "dpo", replace(params, anchor_weight=1.0),
                   anchor=long_sft[2:])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_micro_batches_train_the_same_step_without_padding(tmp_path):
+    """A batch of 4 run as 4 micro-batches of 1 (gradients summed): the same examples, loss and
+    gradient per optimizer step (float32, no dropout); each pass holds one example, never padded
+    to the batch's longest (the longest record here is ~4x the shortest)."""
+    from transformers import TrainerCallback
+
+    class Grads(TrainerCallback):
+        def __init__(self):
+            self.steps = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            self.steps.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    records = [{"prompt": [{"role": "user", "content": r["prompt"][0]["content"] + " filler" * (40 * (i % 3))}],
+                "completion": r["completion"]} for i, r in enumerate(SFT_RECORDS[:8])]
+    base = replace(SFT, max_steps=2, bf16=False, lora_dropout=0.0)
+    grads, losses, widths = {}, {}, {}
+    for micro in (0, 1):
+        trainer = build_sft_trainer("tiny-random", records, tmp_path / f"m{micro}", replace(base, micro_batch_size=micro))
+        assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == ((4, 1) if micro == 0 else (1, 4))
+        seen, cb = [], Grads()
+        trainer.add_callback(cb)
+        forward = trainer.model.forward
+        trainer.model.forward = lambda *a, **kw: (seen.append(kw["input_ids"].shape), forward(*a, **kw))[1]
+        trainer.train()
+        grads[micro], widths[micro] = cb.steps, seen
+        losses[micro] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert [s[0] for s in widths[0]] == [4, 4] and [s[0] for s in widths[1]] == [1] * 8
+    assert sum(s[0] * s[1] for s in widths[1]) < sum(s[0] * s[1] for s in widths[0])  # no padding
+    assert losses[0][0] == pytest.approx(losses[1][0], rel=1e-4)
+    assert len(grads[0]) == len(grads[1]) == 2 and grads[0][0].keys() == grads[1][0].keys() and grads[0][0]
+    for name, g in grads[0][0].items():
+        assert torch.allclose(g, grads[1][0][name], rtol=1e-3, atol=1e-6), name
+
+
+def test_micro_batch_size_must_divide_the_batch():
+    from dpo_driver.training import micro_batches
+
+    assert micro_batches(replace(SFT, micro_batch_size=2)) == (2, 2)
+    with pytest.raises(ValueError, match="must divide"):
+        micro_batches(replace(SFT, micro_batch_size=3))
