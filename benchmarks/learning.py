@@ -104,13 +104,18 @@ def _paired_diff(baseline: list[dict], candidate: list[dict], seed: int) -> tupl
                                  strata=[k[0] for k in keys], seed=seed)
 
 
-def dpo_config(ops: dict, overrides: str, seed: int) -> dict:
-    """The preset's dpo_adapter config with `--dpo` JSON overrides, validated by the asset's own class."""
+def stage_config(ops: dict, op: str, config_cls, overrides: str, flag: str):
+    """The preset's `op` config with `flag`'s JSON overrides, validated by the asset's own Config class."""
     extra = json.loads(overrides)
-    unknown = sorted(set(extra) - set(DPOAdapterConfig.model_fields))  # the Config class would keep a typo silently
+    unknown = sorted(set(extra) - set(config_cls.model_fields))  # the Config class would keep a typo silently
     if unknown:
-        raise ValueError(f"--dpo: unknown dpo_adapter option(s) {unknown}; known: {sorted(DPOAdapterConfig.model_fields)}")
-    return {**DPOAdapterConfig(**{**ops["dpo_adapter"], **extra}).model_dump(), "seed": seed}
+        raise ValueError(f"{flag}: unknown {op} option(s) {unknown}; known: {sorted(config_cls.model_fields)}")
+    return config_cls(**{**ops[op], **extra})
+
+
+def dpo_config(ops: dict, overrides: str, seed: int) -> dict:
+    """The preset's dpo_adapter config with `--dpo` JSON overrides."""
+    return {**stage_config(ops, "dpo_adapter", DPOAdapterConfig, overrides, "--dpo").model_dump(), "seed": seed}
 
 
 def add_num_envs_argument(ap) -> None:
@@ -120,6 +125,10 @@ def add_num_envs_argument(ap) -> None:
 
 def add_dpo_argument(ap) -> None:
     ap.add_argument("--dpo", default="{}", help='JSON overrides of the preset\'s dpo_adapter config, e.g. \'{"anchor_weight": 0}\'')
+
+
+def add_sft_argument(ap) -> None:
+    ap.add_argument("--sft", default="{}", help='JSON overrides of the preset\'s sft_adapter config, e.g. \'{"micro_batch_size": 1}\'')
 
 
 def run(args) -> dict:
@@ -133,7 +142,7 @@ def run(args) -> dict:
                            eval_offset=args.eval_offset,
                            n_pair_validation=args.pair_validation_seeds or TaskSuite(**suite).pair_validation_seeds)
     # Through the assets' own Config classes: the benchmark trains with exactly the DAG's defaults.
-    sft_stage = SFTAdapterConfig(**ops["sft_adapter"])
+    sft_stage = stage_config(ops, "sft_adapter", SFTAdapterConfig, args.sft, "--sft")
     sft_cfg = {**asdict(sft_stage.sft_params()), "seed": args.seed}
     dpo_cfg = dpo_config(ops, args.dpo, args.seed)
     roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
@@ -331,6 +340,7 @@ def run(args) -> dict:
                      "eval": [plan.eval[0], plan.eval[-1]],
                      "pair_validation": [plan.pair_validation[0], plan.pair_validation[-1]] if plan.pair_validation else []}}
     out["dpo_config"] = dpo_cfg  # the preset's, with any --dpo overrides
+    out["sft_config"] = sft_cfg  # the preset's, with any --sft overrides
     out["constrained"] = {"rollouts": roll_cfg["constrained"], "evaluation": eval_cfg["constrained"]}
     out["eval_num_envs"] = eval_cfg["num_envs"]  # 0: the family's own loop
     for t in tasks:
@@ -466,6 +476,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sft-adapter", default="", help="skip SFT: start from this adapter (an earlier run's SFT stage, trained "
                     "with the same preset, suite and seed; its wall time is not in this run's)")
     add_dpo_argument(ap)
+    add_sft_argument(ap)
     decoding = ap.add_mutually_exclusive_group()  # neither: the preset's (Sampling.constrained's default: held)
     decoding.add_argument("--constrained", action="store_true", help="rollouts and evaluation decode held to the state's actions "
                           "(Sampling.constrained), whatever the preset says")
