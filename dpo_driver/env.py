@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,24 @@ opt.selected = true;
 sel.dispatchEvent(new Event('input', {bubbles: true}));
 sel.dispatchEvent(new Event('change', {bubbles: true}));
 """
+
+
+# Selenium's quit() asks chromedriver to shut down (10 s), polls it for up to 30 s, then waits up to
+# 60 s after SIGTERM: on a busy machine a SIGTERMed run took over a minute to exit. The polite close
+# gets this long; whatever is still running after it, kill_tree ends (and so the stuck quit too).
+QUIT_SECONDS = 10.0
+
+
+def _close_within(env, seconds: float) -> None:
+    def close():
+        try:
+            env.close()
+        except Exception:  # a dead driver cannot close its browser: the process kill after this does
+            pass
+
+    quitter = threading.Thread(target=close, name="webenv-quit", daemon=True)
+    quitter.start()
+    quitter.join(seconds)
 
 
 class BrowserMissing(RuntimeError):
@@ -179,10 +198,7 @@ class WebEnv:
         pids, self._pids = self._pids, []
         tree = browser_tree(pids)  # before quit(): a renderer whose parent quit() kills is orphaned, no one's child after
         if env is not None:
-            try:
-                env.close()
-            except Exception:  # a dead driver cannot close its browser: the process kill below does
-                pass
+            _close_within(env, QUIT_SECONDS)
         kill_tree(pids, also=tree)  # whatever quit() left behind, e.g. Chromium orphaned by a killed chromedriver
         dirs, self._dirs = self._dirs, []
         remove_dirs(dirs)

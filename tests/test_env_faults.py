@@ -146,3 +146,26 @@ def test_a_terminated_process_closes_its_browser(tmp_path):
         proc.kill()
         for p in _alive(tree):
             p.kill()
+
+
+def test_a_browser_that_will_not_quit_is_killed_after_the_bound(monkeypatch):
+    """Selenium's quit() may wait ~100 s for a busy chromedriver; closing waits QUIT_SECONDS, then kills."""
+    import threading
+    import time
+
+    from dpo_driver import env as env_module
+
+    class StuckBrowser:
+        released = threading.Event()
+
+        def close(self):
+            self.released.wait(30)  # a quit() that hangs until its driver is killed
+
+    killed = []
+    monkeypatch.setattr(env_module, "QUIT_SECONDS", 0.5)
+    monkeypatch.setattr(env_module, "kill_tree", lambda pids, also=(): (killed.append(pids), StuckBrowser.released.set()))
+    web = WebEnv("click-button")
+    web._env, web._pids = StuckBrowser(), [123]
+    t0 = time.perf_counter()
+    web.close()
+    assert time.perf_counter() - t0 < 5 and killed == [[123]] and web._env is None
