@@ -106,6 +106,8 @@ class DPOAdapterConfig(dg.Config):
                                  "DPO step: keeps the expert's answers likely on states no pair covers; 0 = off")
     chosen_sft_steps: int = Field(default(DPOParams, "chosen_sft_steps"), description="SFT optimizer steps on the pairs' chosen side (and the demos, "
                                   "when anchored) before DPO; that adapter is DPO's start and its reference; 0 = off")
+    sft_micro_batch_size: int = Field(default(DPOParams, "sft_micro_batch_size"), description="the chosen-side SFT stage runs each batch as "
+                                      "micro-batches of this many records (sft_adapter.micro_batch_size); 0 = one pass")
     max_steps: int = Field(default(DPOParams, "max_steps"), description="trl.DPOConfig.max_steps: the budget in optimizer steps, the same whatever "
                            "the number of pairs; 0 = num_train_epochs passes with the min_steps floor")
     num_train_epochs: float = Field(default(DPOParams, "num_train_epochs"), description="passes over the pairs, only when max_steps is 0")

@@ -66,6 +66,7 @@ class DPOParams:
     warmup_steps: int = 0  # optimizer steps of linear warm-up to the peak rate (Adam's first steps are its largest)
     anchor_weight: float = 0.0  # weight of an SFT loss on the expert demos added to every step (see _anchored); 0 = off
     chosen_sft_steps: int = 0  # SFT steps on the pairs' chosen side before DPO, whose start and reference that is (see _chosen_sft); 0 = off
+    sft_micro_batch_size: int = 0  # SFTParams.micro_batch_size of the SFT this run does (chosen side; the RFT control); 0 = off
     max_steps: int = 46  # the budget in optimizer steps, whatever the number of pairs; 0 = num_train_epochs passes (see train_steps)
     num_train_epochs: float = 1.0  # passes over the pairs, only when max_steps is 0
     min_steps: int = 30  # optimizer-step floor of the epoch budget (max_steps 0)
@@ -464,7 +465,7 @@ def sft_params_like(params: DPOParams, **budget) -> SFTParams:
     """SFT at a DPO run's learning rate, batch, length, seed and precision; `budget` sets the steps
     (max_steps, or num_train_epochs/min_steps). The chosen-side stage and the RFT control use it."""
     return SFTParams(learning_rate=params.learning_rate, until_expert_match=0.0,
-                     per_device_train_batch_size=params.per_device_train_batch_size,
+                     per_device_train_batch_size=params.per_device_train_batch_size, micro_batch_size=params.sft_micro_batch_size,
                      gradient_accumulation_steps=params.gradient_accumulation_steps, max_length=params.max_length,
                      seed=params.seed, logging_steps=params.logging_steps, bf16=params.bf16, load_in_4bit=params.load_in_4bit,
                      gradient_checkpointing=params.gradient_checkpointing, checkpoint_steps=params.checkpoint_steps, **budget)

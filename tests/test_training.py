@@ -507,3 +507,12 @@ def test_micro_batch_size_must_divide_the_batch():
     assert micro_batches(replace(SFT, micro_batch_size=2)) == (2, 2)
     with pytest.raises(ValueError, match="must divide"):
         micro_batches(replace(SFT, micro_batch_size=3))
+
+
+def test_the_chosen_side_stage_and_rft_take_the_sft_micro_batch():
+    from dpo_driver.training import micro_batches, sft_params_like
+
+    sft = sft_params_like(replace(DPO, sft_micro_batch_size=1), max_steps=3)
+    assert sft.micro_batch_size == 1 and micro_batches(sft) == (1, 4) and sft.max_steps == 3
+    # DPO's own batches are not split: the split is exact for SFT's loss, normalised over the step's tokens.
+    assert micro_batches(replace(DPO, sft_micro_batch_size=1)) == (4, 1)
