@@ -113,6 +113,16 @@ def test_the_episode_clock_does_not_fail_a_slow_policy():
     assert result.done and result.raw_reward == 1.0
 
 
+def _as_a_shell_starts_it():
+    """Run in the child before exec: SIGTERM at its default and no signal blocked. Both a handler set
+    to SIG_IGN and a blocked mask survive exec, so whatever this pytest worker was left with by the
+    tests before (in-process Dagster runs remap SIGTERM) would otherwise decide what the child does."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def test_a_terminated_process_closes_its_browser(tmp_path):
     """SIGTERM to a process with a live page (a stopped benchmark or CLI run) must not orphan the browser."""
     import signal
@@ -124,26 +134,36 @@ def test_a_terminated_process_closes_its_browser(tmp_path):
 
     script = tmp_path / "hold.py"
     script.write_text(
-        "import sys, time\n"
+        "import faulthandler, signal, sys, time\n"
+        "faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it does\n"
         "from dpo_driver.env import WebEnv\n"
         "with WebEnv('click-button') as env:\n"
         "    env.reset(1000000)\n"
         "    print(' '.join(map(str, env._pids)), flush=True)\n"
         "    time.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    stderr = (tmp_path / "stderr.txt").open("w")  # a file, not a pipe: nothing the child writes can block it
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            cwd=str(Path(__file__).resolve().parents[1]), preexec_fn=_as_a_shell_starts_it)
     pids = [int(p) for p in proc.stdout.readline().split()]
     tree = [psutil.Process(p) for p in pids]
     tree += [c for p in tree for c in p.children(recursive=True)]
     try:
         assert len(_alive(tree)) >= 2
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            pytest.fail("the SIGTERMed process did not exit in 60 s; its threads:\n" + (tmp_path / "stderr.txt").read_text()[-6000:])
+        assert code == 128 + signal.SIGTERM
         deadline = time.time() + 10
         while _alive(tree) and time.time() < deadline:
             time.sleep(0.2)
         assert _alive(tree) == []
     finally:  # a failing run must not leave its own orphans behind
         proc.kill()
+        stderr.close()
         for p in _alive(tree):
             p.kill()
 
