@@ -123,3 +123,20 @@ def exit_on_sigterm() -> None:
 
 def _raise_exit(signum, frame):
     raise SystemExit(128 + signum)
+
+
+def restore_stop_signals() -> None:
+    """At a process's start: SIGINT and SIGTERM back to Python's defaults where they arrive ignored.
+
+    Ignored dispositions survive exec, and a shell ignores SIGINT for a command it starts in the
+    background (`dagster ... &`, nohup); Dagster then maps SIGTERM onto SIGINT's handler, so every
+    process it starts inherits both ignored (measured: a backgrounded pytest run's workers had SIGTERM
+    ignored after an in-process Dagster run). A trainer must stop when Pipes interrupts it (SIGINT) or
+    a scheduler terminates it (SIGTERM); ignoring both left it training, orphaned."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+

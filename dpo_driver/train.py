@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from dpo_driver.procs import restore_stop_signals
+
 KINDS = ("sft", "dpo")
 
 
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path, help="job spec JSON (see JobSpec)")
     parser.add_argument("--log-file", default="", help="also append the log here (the launcher reads its tail on failure)")
     args = parser.parse_args(argv)
+    restore_stop_signals()  # Pipes stops a trainer with SIGINT: it must not arrive ignored
     log = _logger(args.log_file)
     pipes = _open_pipes()
     if pipes is not None:

@@ -189,3 +189,39 @@ def test_a_browser_that_will_not_quit_is_killed_after_the_bound(monkeypatch):
     t0 = time.perf_counter()
     web.close()
     assert time.perf_counter() - t0 < 5 and killed == [[123]] and web._env is None
+
+
+def test_a_trainer_started_with_stop_signals_ignored_still_stops(tmp_path):
+    """Started from a backgrounded shell, a process inherits SIGINT (and, under Dagster, SIGTERM)
+    ignored; the trainer's entry point restores both, so Pipes' SIGINT and a SIGTERM stop it."""
+    import signal
+    import subprocess
+    import sys
+
+    def ignored():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    code = ("import signal, sys, time\n"
+            "from dpo_driver.procs import restore_stop_signals\n"
+            "if sys.argv[1] == 'restore': restore_stop_signals()\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(30)\n")
+    outcomes = {}
+    for mode in ("restore", "inherit"):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            proc = subprocess.Popen([sys.executable, "-c", code, mode], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                    cwd=str(Path(__file__).resolve().parents[1]), preexec_fn=ignored)
+            assert proc.stdout.readline().strip() == "ready"
+            proc.send_signal(sig)
+            try:
+                outcomes[mode, sig] = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                outcomes[mode, sig] = "ignored"
+            finally:
+                proc.kill()
+                proc.wait()
+    assert outcomes[("restore", signal.SIGINT)] == -signal.SIGINT  # KeyboardInterrupt, re-raised as the signal at exit
+    assert outcomes[("restore", signal.SIGTERM)] == -signal.SIGTERM
+    assert outcomes[("inherit", signal.SIGINT)] == outcomes[("inherit", signal.SIGTERM)] == "ignored"  # what it fixes
+
