@@ -132,11 +132,10 @@ def restore_stop_signals() -> None:
     background (`dagster ... &`, nohup); Dagster then maps SIGTERM onto SIGINT's handler, so every
     process it starts inherits both ignored (measured: a backgrounded pytest run's workers had SIGTERM
     ignored after an in-process Dagster run). A trainer must stop when Pipes interrupts it (SIGINT) or
-    a scheduler terminates it (SIGTERM); ignoring both left it training, orphaned."""
+    a scheduler terminates it (SIGTERM); ignoring both would keep it training after its run was cancelled."""
     import signal
 
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
