@@ -14,6 +14,7 @@ from dpo_driver.training import (
     build_dpo_trainer,
     build_kto_trainer,
     build_sft_trainer,
+    compact_fused_head,
     load_policy,
     train_dpo,
     train_kto,
@@ -62,6 +63,36 @@ def seq_logps(model, batch) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logp = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     return (logp * batch["completion_mask"][:, 1:]).sum(1)
+
+
+def test_the_fused_head_scores_only_labelled_positions_and_gives_the_same_outputs(monkeypatch):
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import _use_triton as trl_default
+
+    model, _ = load_model_and_tokenizer("tiny-random", dtype="float32")
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    ids = torch.randint(5, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :9] = -100  # a prompt of 9 tokens, an answer of 3
+    rows, apply = [], trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", lambda h, *a: rows.append(len(h)) or apply(h, *a))
+
+    def run():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out, model.get_input_embeddings().weight.grad.clone()
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_default)  # TRL as shipped: every position on CPU
+    full, full_grad = run()
+    compact_fused_head()
+    compact_fused_head()  # idempotent
+    compact, compact_grad = run()
+    assert rows == [3 * 11, 3 * 3]
+    assert torch.equal(full.label_mask, compact.label_mask)
+    torch.testing.assert_close(compact.log_probs, full.log_probs)
+    torch.testing.assert_close(compact.entropy, full.entropy)
+    torch.testing.assert_close(compact_grad, full_grad)
 
 
 def test_sft_writes_a_trained_adapter(sft, tmp_path):
