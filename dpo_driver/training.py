@@ -432,6 +432,22 @@ def anchor_batches(tokenizer, records: list[dict], batch_size: int, max_length: 
                    "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk])}
 
 
+def completion_nll(model, batch: dict) -> torch.Tensor:
+    """Mean NLL of `batch`'s labelled tokens (an anchor batch) through TRL's fused LM head, which the
+    preference trainers install on their model.
+
+    A plain forward computes every position's logits over the vocabulary and then scores the few
+    answer tokens: on the default suite the anchor's batch of 4 demos cost 1.75 s per DPO step, as
+    much as the step's DPO loss (2.0 s). The fused head projects only the labelled positions. The
+    labels go in pre-shifted (`shift_labels`: each position's next token), as under sequence
+    parallelism, which also keeps share_prompts from reading the batch as chosen/rejected rows.
+    """
+    labels = batch["labels"]
+    shift = torch.cat([labels[:, 1:], labels.new_full((labels.size(0), 1), -100)], dim=1)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], shift_labels=shift,
+                 fused_lm_head=True).loss
+
+
 def _anchored(trainer_cls, anchor: list[dict], params: DPOParams):
     """`trainer_cls` with `anchor_weight` x the SFT loss on a batch of `anchor` records added to every
     training step's loss: the expert demos stay likely on the states no pair covers.
@@ -454,7 +470,7 @@ def _anchored(trainer_cls, anchor: list[dict], params: DPOParams):
                 for _ in range(self.state.global_step * self.args.gradient_accumulation_steps):
                     next(self._anchor)
             batch = {k: v.to(self.accelerator.device) for k, v in next(self._anchor).items()}
-            nll = model(**batch, use_cache=False).loss
+            nll = completion_nll(model, batch)
             self._metrics["train"]["anchor_nll"].append(nll.item())
             if return_outputs:
                 return out[0] + params.anchor_weight * nll, out[1]

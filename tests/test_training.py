@@ -388,6 +388,17 @@ def test_dpo_anchor_keeps_the_demos_likely(sft, tmp_path):
     assert on < off - 0.5
 
 
+def test_the_anchor_loss_is_the_plain_forward_loss_on_the_shared_prompt_model(sft, tmp_path):
+    from dpo_driver.training import anchor_batches, completion_nll
+
+    trainer = build_dpo_trainer("tiny-random", sft[0].adapter_dir, DPO_RECORDS, tmp_path, replace(DPO, bf16=False))
+    batch = next(anchor_batches(trainer.processing_class, SFT_RECORDS, 4, 512, 0))  # 4 rows sharing a prefix, as pairs do
+    with torch.no_grad():
+        plain = trainer.model(**batch, use_cache=False).loss  # every position's logits, then the labelled ones
+        fused = completion_nll(trainer.model, batch)
+    torch.testing.assert_close(fused, plain)
+
+
 def test_dpo_anchor_weight_needs_the_demos(sft, tmp_path):
     with pytest.raises(ValueError, match="anchor"):
         train_dpo("tiny-random", sft[0].adapter_dir, DPO_RECORDS, tmp_path / "dpo", replace(DPO, anchor_weight=1.0))
