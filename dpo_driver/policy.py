@@ -199,7 +199,9 @@ class LMPolicy:
         ids, mask = enc["input_ids"], enc["attention_mask"]
         # Left padding: positions must count real tokens only, exactly as generate() does.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True)
+        # Only the cache is used: one position's logits, not every prompt token's over the vocabulary.
+        out = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
+                         logits_to_keep=1)
         cache = out.past_key_values
         cache.batch_repeat_interleave(k)
         kwargs = {**kwargs, "num_return_sequences": 1}

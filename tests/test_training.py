@@ -144,6 +144,23 @@ def test_load_policy_keeps_the_adapter_in_the_base_dtype(sft):
         assert lora == {want} and {p.dtype for n, p in model.named_parameters()} == {want}
 
 
+def test_a_loaded_policy_scores_kept_positions_without_expanding_its_head(sft):
+    from torch.profiler import ProfilerActivity, profile
+
+    model, _ = load_policy("tiny-random", sft[0].adapter_dir, dtype="float32")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(5, 200, (4, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -2:]
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            kept = model(input_ids=ids, logits_to_keep=2).logits
+    torch.testing.assert_close(kept, full)
+    # Frozen weights and a strided slice would run a bmm on the head's weight copied once per row.
+    expanded = [e.key for e in prof.key_averages(group_by_input_shape=True)
+                if e.key == "aten::bmm" and any(len(shape) == 3 and vocab in shape for shape in e.input_shapes)]
+    assert expanded == []
+
+
 def test_sft_without_records_writes_nothing(tmp_path):
     out = tmp_path / "nested" / "sft"
     with pytest.raises(ValueError, match="no records"):
