@@ -110,10 +110,11 @@ DEFAULT = {
         # 0.1 would block the README run; 0.25 is set from those measurements (a guardrail against
         # runaway drift, not a tuned value). With chosen_sft_steps the policy DPO returns is SFT on the
         # successes plus DPO, measured against the SFT adapter it replaces: 0.2445 on this suite, and
-        # 0.295 in a fresh README run (122 pairs), which left a bound of 0.3 no headroom: 0.4 keeps
-        # ~35% over the largest measured. The production default (DPOGateConfig) stays 0.1.
+        # 0.245 and 0.295 in fresh README runs, then 0.360 and 0.379 after changes that only reround bf16
+        # training (identical adapters in float32): run-to-run rounding alone spans 0.25-0.38, so the
+        # bound is 0.5, ~30% over the largest measured. The production default (DPOGateConfig) stays 0.1.
         # Preference accuracy keeps the production threshold (0.7) on the pair-validation seeds' pairs.
-        "dpo_adapter_gates": {"config": {"max_kl": 0.4}},
+        "dpo_adapter_gates": {"config": {"max_kl": 0.5}},
     },
 }
 
