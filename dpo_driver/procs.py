@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -62,8 +63,38 @@ def kill_tree(pids: list[int], timeout: float = 5.0, also: list[psutil.Process] 
             q.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(list(victims.values()), timeout=timeout)
+    wait_ended(list(victims.values()), timeout)
     return sorted(victims)
+
+
+def wait_ended(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until each process has ended; returns those still running at the timeout.
+
+    A zombie that is not our child counts as ended: it holds nothing but its PID, and only its
+    parent can reap it. Chromium's processes are orphaned when chromedriver exits and go to init,
+    which may reap only now and then (here about once a second), and psutil's wait_procs waits
+    for the reaping: 1.1 s of every closed browser was spent there. Our own children (chromedriver)
+    are reaped here, so none is left a zombie.
+    """
+    deadline = time.monotonic() + timeout
+    pending = list(procs)
+    while True:
+        pending = [q for q in pending if not _ended(q)]
+        if not pending or time.monotonic() >= deadline:
+            return pending
+        time.sleep(0.01)
+
+
+def _ended(q: psutil.Process) -> bool:
+    try:
+        if q.ppid() == os.getpid():
+            q.wait(timeout=0)  # reaps our own child, or raises while it runs
+            return True
+        return q.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
 
 
 def _is_browser(p: psutil.Process) -> bool:

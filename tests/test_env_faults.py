@@ -225,3 +225,34 @@ def test_a_trainer_started_with_stop_signals_ignored_still_stops(tmp_path):
     assert outcomes[("restore", signal.SIGTERM)] == -signal.SIGTERM
     assert outcomes[("inherit", signal.SIGINT)] == outcomes[("inherit", signal.SIGTERM)] == "ignored"  # what it fixes
 
+
+
+def test_killing_does_not_wait_for_someone_else_to_reap_a_zombie():
+    """A killed process whose parent is not us stays a zombie until that parent reaps it (Chromium's
+    orphans go to init, which reaps about once a second here); it is dead, so kill_tree returns.
+    Our own child is reaped, not left a zombie."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from dpo_driver.procs import kill_tree
+
+    # A parent that starts a grandchild and never reaps it, so its zombie would stay for the whole timeout.
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                               "p = subprocess.Popen(['sleep', '600']); print(p.pid, flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = psutil.Process(int(parent.stdout.readline()))
+        started = time.monotonic()
+        assert kill_tree([], timeout=120, also=[grandchild]) == [grandchild.pid]
+        assert time.monotonic() - started < 60  # did not sit out the 120 s bound waiting for a reap
+        assert grandchild.status() == psutil.STATUS_ZOMBIE  # dead, still its parent's to reap
+
+        own_child = psutil.Process(parent.pid)
+        kill_tree([], also=[own_child])
+        assert not psutil.pid_exists(parent.pid) or psutil.Process(parent.pid).status() != psutil.STATUS_ZOMBIE
+    finally:
+        parent.kill()
+        parent.wait()
