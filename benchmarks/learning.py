@@ -390,11 +390,13 @@ def run(args) -> dict:
         eps = [e for e in eval_eps.get(f"arm:{arm}", []) if not e["env_error"]]
         if not eps:
             continue
-        d, lo, hi = _paired_diff(eval_eps["sft"], eps, args.seed)
-        out.setdefault("arms", {})[arm] = {
-            "tasks": _per_task(eps, tasks),
-            "mean": round(float(np.mean([e["success"] for e in eps])), 4),
-            "minus_sft_points": round(100 * d, 1), "ci_points": [round(100 * lo, 1), round(100 * hi, 1)]}
+        entry = out.setdefault("arms", {})[arm] = {"tasks": _per_task(eps, tasks), "mean": round(float(np.mean([e["success"] for e in eps])), 4)}
+        # The arm against SFT (`ci_points`), the run's DPO and the RFT control, each paired on the same episodes.
+        for key, other in (("minus_sft", "sft"), ("minus_dpo", final), ("minus_rft", "rft")):
+            if other in eval_eps:
+                d, lo, hi = _paired_diff(eval_eps[other], eps, args.seed)
+                entry[f"{key}_points"] = round(100 * d, 1)
+                entry["ci_points" if key == "minus_sft" else f"{key}_ci_points"] = [round(100 * lo, 1), round(100 * hi, 1)]
     if first_pairs is not None:
         out["pairs"] = int(len(first_pairs))
         out["pair_yield"] = rounds[0].get("pair_yield") if rounds else None
@@ -445,8 +447,9 @@ def print_table(res: dict) -> None:
         print(f"zero-demo arm: base {z['base_mean']:.0%} -> DPO {z['dpo_mean']:.0%} ({z['pairs']} pairs); "
               f"{z['dpo_minus_base_points']:+.1f} {z['ci_points']}")
     for arm, row in res.get("arms", {}).items():
-        print(f"arm {arm}: mean {row['mean']:.0%}, minus SFT {row['minus_sft_points']:+.1f} points, "
-              f"95% CI [{row['ci_points'][0]:+.1f}, {row['ci_points'][1]:+.1f}]")
+        print(f"arm {arm}: mean {row['mean']:.0%}, minus SFT {row['minus_sft_points']:+.1f} {row['ci_points']}"
+              + "".join(f", minus {name} {row[f'minus_{key}_points']:+.1f} {row[f'minus_{key}_ci_points']}"
+                        for key, name in (("dpo", "DPO"), ("rft", "RFT")) if f"minus_{key}_points" in row))
     print("wall seconds: " + ", ".join(f"{k} {v}" for k, v in res["wall_seconds"].items()))
     print("generation: " + ", ".join(f"{k} {v['tokens_per_second']} tok/s" for k, v in res["generation"].items()))
 

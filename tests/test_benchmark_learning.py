@@ -38,6 +38,9 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     ipo = saved["arms"]["ipo"]  # an extra preference objective on the same pairs
     assert ipo["tasks"].keys() == saved["tasks"].keys() and 0.0 <= ipo["mean"] <= 1.0
     assert ipo["ci_points"][0] <= ipo["minus_sft_points"] <= ipo["ci_points"][1]
+    for other, mean in (("dpo", r1["mean_success"]), ("rft", r1["rft_mean_success"])):  # and against DPO and RFT, paired
+        assert ipo[f"minus_{other}_ci_points"][0] <= ipo[f"minus_{other}_points"] <= ipo[f"minus_{other}_ci_points"][1]
+        assert ipo[f"minus_{other}_points"] == pytest.approx(100 * (ipo["mean"] - mean), abs=0.1)
     assert {"arm:ipo", "arm:kto"} <= saved["wall_seconds"].keys()
     assert saved["arms"]["kto"]["tasks"].keys() == saved["tasks"].keys()  # KTO on the unpaired steps of the same rollouts
 
