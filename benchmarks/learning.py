@@ -145,6 +145,11 @@ def run(args) -> dict:
     sft_stage = stage_config(ops, "sft_adapter", SFTAdapterConfig, args.sft, "--sft")
     sft_cfg = {**asdict(sft_stage.sft_params()), "seed": args.seed}
     dpo_cfg = dpo_config(ops, args.dpo, args.seed)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    for arm in arms:  # an arm that is the run's own DPO objective would train the same adapter again
+        if arm.split("+") == list(dpo_cfg["loss_type"]):
+            raise SystemExit(f"arm {arm!r} is the preset's own DPO loss ({'+'.join(dpo_cfg['loss_type'])}): "
+                             "its adapter would be the run's DPO adapter, byte for byte")
     roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
     if args.constrained or args.free:  # rollouts and evaluation, every arm alike
@@ -205,7 +210,6 @@ def run(args) -> dict:
     rft_params = sft_params_like(DPOParams(**dpo_cfg), max_steps=dpo_cfg["max_steps"] + extra,
                                  num_train_epochs=dpo_cfg["num_train_epochs"], min_steps=dpo_cfg["min_steps"])
     rounds, first_pairs, first_episodes = [], None, None
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     eval_eps: dict[str, list[dict]] = {}
 
     def evaluate(name: str, adapter: Path | None, policy=None) -> list[dict]:

@@ -11,6 +11,9 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_DRIVER_CACHE", str(tmp_path / "models"))
     from benchmarks.learning import main
 
+    with pytest.raises(SystemExit, match="own DPO loss"):  # the run's DPO again under another name: refused before anything runs
+        main(["--preset", "tiny", "--arms", "rft,ipo", "--dpo", '{"loss_type": ["ipo"]}', "--workdir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
     out = tmp_path / "learning.json"
     res = main(["--preset", "tiny", "--eval-seeds", "2", "--arms", "rft,ipo,kto", "--json", str(out), "--workdir", str(tmp_path / "work"),
                 "--rollout-seeds", "5", "--pair-validation-seeds", "2",  # the suite's 4 and 1, overridden
