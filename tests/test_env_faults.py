@@ -226,7 +226,6 @@ def test_a_trainer_started_with_stop_signals_ignored_still_stops(tmp_path):
     assert outcomes[("inherit", signal.SIGINT)] == outcomes[("inherit", signal.SIGTERM)] == "ignored"  # what it fixes
 
 
-
 def test_killing_does_not_wait_for_someone_else_to_reap_a_zombie():
     """A killed process whose parent is not us stays a zombie until that parent reaps it (Chromium's
     orphans go to init, which reaps about once a second here); it is dead, so kill_tree returns.
@@ -240,7 +239,7 @@ def test_killing_does_not_wait_for_someone_else_to_reap_a_zombie():
     from dpo_driver.procs import kill_tree
 
     # A parent that starts a grandchild and never reaps it, so its zombie would stay for the whole timeout.
-    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, time\n"
                                "p = subprocess.Popen(['sleep', '600']); print(p.pid, flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     try:
