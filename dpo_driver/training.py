@@ -628,8 +628,22 @@ def _contiguous_input(module, args):
     states. With the weights frozen (an inference PeftModel), torch's matmul then does not fold that
     slice into one mm: it runs a bmm against the head's weight expanded per row, a copy of rows x
     vocabulary x hidden (906 MB for 16 prompts), which was ~35% of a 16 x 200-token prefill here
-    (3.5-4.5 -> 2.7 s; the logits identical bit for bit). A contiguous input folds (test_training)."""
-    return (args[0].contiguous(), *args[1:])
+    (3.5-4.5 -> 2.7 s; the logits identical bit for bit). A contiguous input folds (test_training).
+    `is_contiguous()` ignores size-1 dims, so one prompt's last position ([1, 1, hidden] out of [1, T, hidden])
+    passes as contiguous with its first stride still T x hidden, and matmul does not fold that either
+    (~60 ms per single-prompt prefill, every later step of an episode): only canonical strides are kept."""
+    x = args[0]
+    if x.stride() != _canonical_strides(x.shape):
+        x = x.clone(memory_format=torch.contiguous_format)
+    return (x, *args[1:])
+
+
+def _canonical_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def load_policy(base_model: str, adapter_dir: Path | None = None, dtype: str = "auto"):

@@ -144,16 +144,17 @@ def test_load_policy_keeps_the_adapter_in_the_base_dtype(sft):
         assert lora == {want} and {p.dtype for n, p in model.named_parameters()} == {want}
 
 
-def test_a_loaded_policy_scores_kept_positions_without_expanding_its_head(sft):
+@pytest.mark.parametrize("rows,keep", [(4, 2), (1, 1)])  # (1, 1): one prompt's prefill, a slice that passes as contiguous
+def test_a_loaded_policy_scores_kept_positions_without_expanding_its_head(sft, rows, keep):
     from torch.profiler import ProfilerActivity, profile
 
     model, _ = load_policy("tiny-random", sft[0].adapter_dir, dtype="float32")
     vocab = model.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(5, 200, (4, 10), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(5, 200, (rows, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        full = model(input_ids=ids).logits[:, -2:]
+        full = model(input_ids=ids).logits[:, -keep:]
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            kept = model(input_ids=ids, logits_to_keep=2).logits
+            kept = model(input_ids=ids, logits_to_keep=keep).logits
     torch.testing.assert_close(kept, full)
     # Frozen weights and a strided slice would run a bmm on the head's weight copied once per row.
     expanded = [e.key for e in prof.key_averages(group_by_input_shape=True)
