@@ -154,6 +154,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--sft-adapter", default="", help="learning.py --sft-adapter: one suite and one training seed only")
     ap.add_argument("--json", default=str(RESULTS), help="results file; each run is added (same suite+seed replaced)")
     ap.add_argument("--table-only", action="store_true", help="print the table of the results file and exit")
+    ap.add_argument("--pool-with", nargs="+", default=[], metavar="JSON",
+                    help="more results files (read only) whose runs join --json's in the printed table and its pooled row")
     decoding = ap.add_mutually_exclusive_group()
     decoding.add_argument("--constrained", action="store_true", help="learning.py --constrained (give it its own --json)")
     decoding.add_argument("--free", action="store_true", help="learning.py --free (give it its own --json)")
@@ -187,6 +189,10 @@ def main(argv=None) -> dict:
                 results["commands"] = sorted(set(results.get("commands", [])) | {res["suites_command"]})
                 atomic_write_text(path, json.dumps(results, indent=1) + "\n")
     results = _load(path)
+    for other in map(Path, args.pool_with):
+        if not other.exists():
+            ap.error(f"--pool-with: no results file {other}")
+        results["runs"] += _load(other)["runs"]
     rows, text = table(results)
     print("\n" + text)
     return {"rows": rows, "text": text}

@@ -69,3 +69,17 @@ def test_stage_overrides_reach_every_run_and_a_bad_one_fails_before_any(tmp_path
     with pytest.raises(ValueError, match="--sft: unknown sft_adapter option.*micro_batch"):
         suites_cli.main(["--suites", "default", "--json", str(tmp_path / "bad.json"), "--sft", '{"micro_batch": 1}'])
     assert len(calls) == 2 and not (tmp_path / "bad.json").exists()
+
+
+def test_the_table_pools_runs_from_several_results_files(tmp_path, capsys):
+    import json
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"runs": [run("s1", 0, [0] * 10, [1] * 10, [1] * 10)]}))
+    b.write_text(json.dumps({"runs": [run("s2", 0, [0] * 10, [0] * 10, [1] * 10)]}))
+    out = suites_cli.main(["--table-only", "--json", str(a), "--pool-with", str(b)])
+    assert [r["suite"] for r in out["rows"]] == ["s1", "s2"]
+    assert "DPO - RFT -50.0" in out["text"] and "(n=20)" in out["text"]
+    assert json.loads(a.read_text())["runs"][0]["suite"] == "s1" and len(json.loads(a.read_text())["runs"]) == 1  # read only
+    with pytest.raises(SystemExit):
+        suites_cli.main(["--table-only", "--json", str(a), "--pool-with", str(tmp_path / "missing.json")])
+    assert "no results file" in capsys.readouterr().err
