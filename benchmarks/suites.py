@@ -164,6 +164,9 @@ def main(argv=None) -> dict:
     learning.add_dpo_argument(ap)  # with --sft: runs are keyed by suite, seed and offset only: give other overrides their own --json
     args = ap.parse_args(argv)
     path = Path(args.json)
+    pool_with = [Path(f) for f in args.pool_with]
+    for missing in (f for f in pool_with if not f.exists()):
+        ap.error(f"--pool-with: no results file {missing}")  # before any run, not after an hour of them
     if not args.table_only:
         ops = op_configs(preset(args.preset))
         learning.dpo_config(ops, args.dpo, 0)  # a bad override fails here, before an hour of runs
@@ -189,9 +192,7 @@ def main(argv=None) -> dict:
                 results["commands"] = sorted(set(results.get("commands", [])) | {res["suites_command"]})
                 atomic_write_text(path, json.dumps(results, indent=1) + "\n")
     results = _load(path)
-    for other in map(Path, args.pool_with):
-        if not other.exists():
-            ap.error(f"--pool-with: no results file {other}")
+    for other in pool_with:
         results["runs"] += _load(other)["runs"]
     rows, text = table(results)
     print("\n" + text)

@@ -1,5 +1,7 @@
 """The multi-suite protocol's pure parts: suites drawn by a seed, and intervals pooled over runs."""
 
+import json
+
 import pytest
 
 import benchmarks.suites as suites_cli
@@ -71,8 +73,7 @@ def test_stage_overrides_reach_every_run_and_a_bad_one_fails_before_any(tmp_path
     assert len(calls) == 2 and not (tmp_path / "bad.json").exists()
 
 
-def test_the_table_pools_runs_from_several_results_files(tmp_path, capsys):
-    import json
+def test_the_table_pools_runs_from_several_results_files(tmp_path, capsys, monkeypatch):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"runs": [run("s1", 0, [0] * 10, [1] * 10, [1] * 10)]}))
     b.write_text(json.dumps({"runs": [run("s2", 0, [0] * 10, [0] * 10, [1] * 10)]}))
@@ -83,3 +84,6 @@ def test_the_table_pools_runs_from_several_results_files(tmp_path, capsys):
     with pytest.raises(SystemExit):
         suites_cli.main(["--table-only", "--json", str(a), "--pool-with", str(tmp_path / "missing.json")])
     assert "no results file" in capsys.readouterr().err
+    monkeypatch.setattr(suites_cli.learning, "main", lambda argv: pytest.fail("a run started before the missing file was named"))
+    with pytest.raises(SystemExit):  # a missing file fails before the first run, not after
+        suites_cli.main(["--suites", "default", "--json", str(a), "--pool-with", str(tmp_path / "missing.json")])
