@@ -4,14 +4,15 @@ Runs benchmarks/learning.py's whole loop per (suite, training seed) with one pre
 result to one JSON file (so the protocol can run suite by suite, no command longer than an hour
 here), and prints one table over everything in that file: per suite SFT, DPO, RFT, ETO and random
 mean success; DPO - SFT, DPO - RFT and DPO - ETO with paired 95% intervals pooled over training
-seeds; pairs, yield, wall time; then DPO - RFT pooled over all suites.
+seeds; pairs, yield, wall time; then DPO - RFT pooled over all suites; with `--per-task`, the same per
+task, pooled over every run that evaluated it.
 
 Suites: `default` (the preset's), `full` (every supported task), and `random:K` — K disjoint random
 subsets of 2-6 supported tasks drawn by `--draw-seed` (a suite nobody picked), named `random<draw>-<i>`;
 that name alone runs the one suite (so a draw can run suite by suite).
 
     python benchmarks/suites.py --suites default,random:3 --draw-seed 7 --train-seeds 0,1 --eval-offset 5000
-    python benchmarks/suites.py --table-only
+    python benchmarks/suites.py --table-only --per-task --pool-with benchmarks/results/suites_draw*.json
 """
 
 from __future__ import annotations
@@ -99,6 +100,35 @@ def _mean(runs: list[dict], policy: str) -> float | None:
     return 100 * float(np.mean(vals)) if vals else None
 
 
+def _only_task(run: dict, task: str) -> dict:
+    """``run`` with each arm's episodes cut to one task's (keys are ``task:seed``)."""
+    return {**run, "eval_success": {arm: {k: v for k, v in eps.items() if k.rsplit(":", 1)[0] == task}
+                                    for arm, eps in run.get("eval_success", {}).items()}}
+
+
+def task_table(runs: list[dict]) -> tuple[list[dict], str]:
+    """Per task, pooled over every run that evaluated it: where DPO and RFT differ, task by task."""
+    tasks = sorted({k.rsplit(":", 1)[0] for r in runs for k in r.get("eval_success", {}).get("dpo", {})})
+    rows, lines = [], [f"{'task':<28}{'runs':>5}{'eps':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'DPO-SFT [95% CI]':>22}{'DPO-RFT [95% CI]':>22}"]
+    for task in tasks:
+        cut = [c for c in (_only_task(r, task) for r in runs) if c["eval_success"].get("dpo")]
+        row = {"task": task, "runs": len(cut), "episodes": sum(len(c["eval_success"]["dpo"]) for c in cut),
+               **{p: _mean(cut, p) for p in ("sft", "dpo", "rft")},
+               "dpo_minus_sft": pooled_diff(cut, "dpo", "sft"), "dpo_minus_rft": pooled_diff(cut, "dpo", "rft")}
+        rows.append(row)
+        lines.append(f"{task:<28}{row['runs']:>5}{row['episodes']:>6}{_pct(row['sft']):>6}{_pct(row['dpo']):>6}{_pct(row['rft']):>6}"
+                     f"{_fmt(row['dpo_minus_sft']):>22}{_fmt(row['dpo_minus_rft']):>22}")
+    return rows, "\n".join(lines)
+
+
+def _fmt(d) -> str:
+    return f"{d[0]:+.1f} [{d[1]:+.1f},{d[2]:+.1f}]" if d else "-"
+
+
+def _pct(x) -> str:
+    return f"{x:.0f}" if x is not None else "-"
+
+
 def table(results: dict) -> tuple[list[dict], str]:
     by_suite: dict[str, list[dict]] = {}
     for r in results["runs"]:
@@ -107,13 +137,6 @@ def table(results: dict) -> tuple[list[dict], str]:
     head = (f"{'suite':<16}{'tasks':>6}{'seeds':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'ETO':>6}{'rand':>6}"
             f"{'DPO-SFT [95% CI]':>22}{'DPO-RFT [95% CI]':>22}{'DPO-ETO [95% CI]':>22}{'pairs':>10}{'yield':>12}{'wall s':>8}")
     lines.append(head)
-
-    def fmt(d):
-        return f"{d[0]:+.1f} [{d[1]:+.1f},{d[2]:+.1f}]" if d else "-"
-
-    def pct(x):
-        return f"{x:.0f}" if x is not None else "-"
-
     for suite, runs in by_suite.items():
         row = {"suite": suite, "tasks": runs[0]["tasks"], "train_seeds": [r["seed"] for r in runs],
                **{p: _mean(runs, p) for p in ("sft", "dpo", "rft", "eto", "random", "base", "zero_dpo")},
@@ -123,19 +146,19 @@ def table(results: dict) -> tuple[list[dict], str]:
                "wall_seconds": [r["wall_seconds"]["total"] for r in runs],
                "sft_gate": [r.get("sft_validation", {}).get("passed") for r in runs]}
         rows.append(row)
-        lines.append(f"{suite:<16}{len(row['tasks']):>6}{len(runs):>6}{pct(row['sft']):>6}{pct(row['dpo']):>6}{pct(row['rft']):>6}"
-                     f"{pct(row['eto']):>6}{pct(row['random']):>6}{fmt(row['dpo_minus_sft']):>22}{fmt(row['dpo_minus_rft']):>22}"
-                     f"{fmt(row['dpo_minus_eto']):>22}{'/'.join(str(p) for p in row['pairs']):>10}"
+        lines.append(f"{suite:<16}{len(row['tasks']):>6}{len(runs):>6}{_pct(row['sft']):>6}{_pct(row['dpo']):>6}{_pct(row['rft']):>6}"
+                     f"{_pct(row['eto']):>6}{_pct(row['random']):>6}{_fmt(row['dpo_minus_sft']):>22}{_fmt(row['dpo_minus_rft']):>22}"
+                     f"{_fmt(row['dpo_minus_eto']):>22}{'/'.join(str(p) for p in row['pairs']):>10}"
                      f"{'/'.join(f'{y:.2f}' for y in row['pair_yield'] if y is not None):>12}{sum(row['wall_seconds']):>8.0f}")
     for suite, runs in by_suite.items():
         lines.append(f"  {suite}: {', '.join(runs[0]['tasks'])}")
         z = pooled_diff(runs, "zero_dpo", "base")
         if z:
-            lines.append(f"  {suite} zero-demo arm: base {pct(_mean(runs, 'base'))}% -> DPO {pct(_mean(runs, 'zero_dpo'))}%, {fmt(z)}")
+            lines.append(f"  {suite} zero-demo arm: base {_pct(_mean(runs, 'base'))}% -> DPO {_pct(_mean(runs, 'zero_dpo'))}%, {_fmt(z)}")
     all_runs = results["runs"]
     pooled = {"dpo_minus_rft": pooled_diff(all_runs, "dpo", "rft"), "dpo_minus_eto": pooled_diff(all_runs, "dpo", "eto"),
               "dpo_minus_sft": pooled_diff(all_runs, "dpo", "sft")}
-    lines.append("pooled over all suites: " + ", ".join(f"{k.replace('_minus_', ' - ').upper()} {fmt(v)} (n={v[3]})"
+    lines.append("pooled over all suites: " + ", ".join(f"{k.replace('_minus_', ' - ').upper()} {_fmt(v)} (n={v[3]})"
                                                        for k, v in pooled.items() if v))
     return rows, "\n".join(lines)
 
@@ -156,6 +179,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--table-only", action="store_true", help="print the table of the results file and exit")
     ap.add_argument("--pool-with", nargs="+", default=[], metavar="JSON",
                     help="more results files (read only) whose runs join --json's in the printed table and its pooled row")
+    ap.add_argument("--per-task", action="store_true", help="also print each task's success and differences, pooled over the runs")
     decoding = ap.add_mutually_exclusive_group()
     decoding.add_argument("--constrained", action="store_true", help="learning.py --constrained (give it its own --json)")
     decoding.add_argument("--free", action="store_true", help="learning.py --free (give it its own --json)")
@@ -195,8 +219,12 @@ def main(argv=None) -> dict:
     for other in pool_with:
         results["runs"] += _load(other)["runs"]
     rows, text = table(results)
-    print("\n" + text)
-    return {"rows": rows, "text": text}
+    out = {"rows": rows, "text": text}
+    if args.per_task:
+        out["task_rows"], task_text = task_table(results["runs"])
+        out["text"] += "\n\n" + task_text
+    print("\n" + out["text"])
+    return out
 
 
 if __name__ == "__main__":

@@ -87,3 +87,19 @@ def test_the_table_pools_runs_from_several_results_files(tmp_path, capsys, monke
     monkeypatch.setattr(suites_cli.learning, "main", lambda argv: pytest.fail("a run started before the missing file was named"))
     with pytest.raises(SystemExit):  # a missing file fails before the first run, not after
         suites_cli.main(["--suites", "default", "--json", str(a), "--pool-with", str(tmp_path / "missing.json")])
+
+
+def test_per_task_table_pools_each_task_over_the_runs_that_evaluated_it(tmp_path):
+    a = run("s1", 0, [0] * 4, [1] * 4, [1] * 4)
+    b = run("s2", 0, [1] * 4, [1] * 4, [0] * 4)
+    b["eval_success"] = {arm: {k.replace("a:", "b:"): v for k, v in eps.items()} for arm, eps in b["eval_success"].items()}
+    c = run("s3", 1, [0, 0], [0, 0], [0, 1])  # task a again, from another suite
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"runs": [a, b, c]}))
+    out = suites_cli.main(["--table-only", "--per-task", "--json", str(path)])
+    rows = {r["task"]: r for r in out["task_rows"]}
+    assert rows["a"]["runs"] == 2 and rows["a"]["episodes"] == 6
+    assert rows["a"]["dpo"] == pytest.approx(400 / 6) and rows["a"]["dpo_minus_rft"][0] == pytest.approx(-25.0)  # mean of the runs' differences (0, -50)
+    assert rows["b"]["runs"] == 1 and rows["b"]["dpo_minus_rft"][0] == pytest.approx(100.0) and rows["b"]["dpo_minus_sft"][0] == 0
+    assert "\nb " in out["text"]
+    assert "task_rows" not in suites_cli.main(["--table-only", "--json", str(path)])
