@@ -109,7 +109,7 @@ def _only_task(run: dict, task: str) -> dict:
 def task_table(runs: list[dict]) -> tuple[list[dict], str]:
     """Per task, pooled over every run that evaluated it: where DPO and RFT differ, task by task."""
     tasks = sorted({k.rsplit(":", 1)[0] for r in runs for k in r.get("eval_success", {}).get("dpo", {})})
-    rows, lines = [], [f"{'task':<28}{'runs':>5}{'eps':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'DPO-SFT [95% CI]':>22}{'DPO-RFT [95% CI]':>22}"]
+    rows, lines = [], [f"{'task':<28}{'runs':>5}{'eps':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'DPO-SFT [95% CI]':>24}{'DPO-RFT [95% CI]':>24}"]
     for task in tasks:
         cut = [c for c in (_only_task(r, task) for r in runs) if c["eval_success"].get("dpo")]
         row = {"task": task, "runs": len(cut), "episodes": sum(len(c["eval_success"]["dpo"]) for c in cut),
@@ -117,7 +117,7 @@ def task_table(runs: list[dict]) -> tuple[list[dict], str]:
                "dpo_minus_sft": pooled_diff(cut, "dpo", "sft"), "dpo_minus_rft": pooled_diff(cut, "dpo", "rft")}
         rows.append(row)
         lines.append(f"{task:<28}{row['runs']:>5}{row['episodes']:>6}{_pct(row['sft']):>6}{_pct(row['dpo']):>6}{_pct(row['rft']):>6}"
-                     f"{_fmt(row['dpo_minus_sft']):>22}{_fmt(row['dpo_minus_rft']):>22}")
+                     f"{_fmt(row['dpo_minus_sft']):>24}{_fmt(row['dpo_minus_rft']):>24}")
     return rows, "\n".join(lines)
 
 
@@ -135,7 +135,7 @@ def table(results: dict) -> tuple[list[dict], str]:
         by_suite.setdefault(r["suite"], []).append(r)
     rows, lines = [], []
     head = (f"{'suite':<16}{'tasks':>6}{'seeds':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'ETO':>6}{'rand':>6}"
-            f"{'DPO-SFT [95% CI]':>22}{'DPO-RFT [95% CI]':>22}{'DPO-ETO [95% CI]':>22}{'pairs':>10}{'yield':>12}{'wall s':>8}")
+            f"{'DPO-SFT [95% CI]':>24}{'DPO-RFT [95% CI]':>24}{'DPO-ETO [95% CI]':>24}{'pairs':>10}{'yield':>12}{'wall s':>8}")
     lines.append(head)
     for suite, runs in by_suite.items():
         row = {"suite": suite, "tasks": runs[0]["tasks"], "train_seeds": [r["seed"] for r in runs],
@@ -147,8 +147,8 @@ def table(results: dict) -> tuple[list[dict], str]:
                "sft_gate": [r.get("sft_validation", {}).get("passed") for r in runs]}
         rows.append(row)
         lines.append(f"{suite:<16}{len(row['tasks']):>6}{len(runs):>6}{_pct(row['sft']):>6}{_pct(row['dpo']):>6}{_pct(row['rft']):>6}"
-                     f"{_pct(row['eto']):>6}{_pct(row['random']):>6}{_fmt(row['dpo_minus_sft']):>22}{_fmt(row['dpo_minus_rft']):>22}"
-                     f"{_fmt(row['dpo_minus_eto']):>22}{'/'.join(str(p) for p in row['pairs']):>10}"
+                     f"{_pct(row['eto']):>6}{_pct(row['random']):>6}{_fmt(row['dpo_minus_sft']):>24}{_fmt(row['dpo_minus_rft']):>24}"
+                     f"{_fmt(row['dpo_minus_eto']):>24}{'/'.join(str(p) for p in row['pairs']):>10}"
                      f"{'/'.join(f'{y:.2f}' for y in row['pair_yield'] if y is not None):>12}{sum(row['wall_seconds']):>8.0f}")
     for suite, runs in by_suite.items():
         lines.append(f"  {suite}: {', '.join(runs[0]['tasks'])}")
