@@ -77,6 +77,11 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"runs": []}
 
 
+def _task_of(episode_key: str) -> str:
+    """The task of an ``eval_success`` key, ``task:seed`` (as benchmarks/learning.py writes it)."""
+    return episode_key.rsplit(":", 1)[0]
+
+
 def pooled_diff(runs: list[dict], candidate: str, baseline: str, seed: int = 0) -> tuple[float, float, float, int] | None:
     """Candidate - baseline success over every (run, task, eval seed) both evaluated, with a paired
     bootstrap interval stratified by run and task; None when no run has both."""
@@ -88,7 +93,7 @@ def pooled_diff(runs: list[dict], candidate: str, baseline: str, seed: int = 0) 
         for key in sorted(s[candidate].keys() & s[baseline].keys()):
             a.append(s[baseline][key])
             b.append(s[candidate][key])
-            strata.append(f"{r['suite']}:{r['seed']}:{key.split(':')[0]}")
+            strata.append(f"{r['suite']}:{r['seed']}:{_task_of(key)}")
     if not a:
         return None
     d, lo, hi = paired_bootstrap_diff(np.array(a, float), np.array(b, float), strata=strata, seed=seed)
@@ -101,14 +106,14 @@ def _mean(runs: list[dict], policy: str) -> float | None:
 
 
 def _only_task(run: dict, task: str) -> dict:
-    """``run`` with each arm's episodes cut to one task's (keys are ``task:seed``)."""
-    return {**run, "eval_success": {arm: {k: v for k, v in eps.items() if k.rsplit(":", 1)[0] == task}
+    """``run`` with each arm's episodes cut to one task's."""
+    return {**run, "eval_success": {arm: {k: v for k, v in eps.items() if _task_of(k) == task}
                                     for arm, eps in run.get("eval_success", {}).items()}}
 
 
 def task_table(runs: list[dict]) -> tuple[list[dict], str]:
     """Per task, pooled over every run that evaluated it: where DPO and RFT differ, task by task."""
-    tasks = sorted({k.rsplit(":", 1)[0] for r in runs for k in r.get("eval_success", {}).get("dpo", {})})
+    tasks = sorted({_task_of(k) for r in runs for k in r.get("eval_success", {}).get("dpo", {})})
     rows, lines = [], [f"{'task':<28}{'runs':>5}{'eps':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'DPO-SFT [95% CI]':>24}{'DPO-RFT [95% CI]':>24}"]
     for task in tasks:
         cut = [c for c in (_only_task(r, task) for r in runs) if c["eval_success"].get("dpo")]
