@@ -32,7 +32,7 @@ from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, 
 from dpo_assets.presets import op_configs, preset
 from dpo_driver.demos import generate_demos
 from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, preference_accuracy, train_and_validation_pairs
-from dpo_driver.eto import build_eto_pairs, expert_paths
+from dpo_driver.eto import build_eto_pairs, expert_fallback_pairs, expert_paths, unsolved_seeds
 from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.model import bf16_is_native, resolve_model
 from dpo_driver.pairs import build_preference_pairs, pair_yield, to_dpo_records, to_kto_records
@@ -210,6 +210,7 @@ def run(args) -> dict:
     rft_params = sft_params_like(DPOParams(**dpo_cfg), max_steps=dpo_cfg["max_steps"] + extra,
                                  num_train_epochs=dpo_cfg["num_train_epochs"], min_steps=dpo_cfg["min_steps"])
     rounds, first_pairs, first_episodes = [], None, None
+    arm_stats: dict[str, dict] = {}  # the expert-chosen arms' pair counts
     eval_eps: dict[str, list[dict]] = {}
 
     def evaluate(name: str, adapter: Path | None, policy=None) -> list[dict]:
@@ -293,11 +294,23 @@ def run(args) -> dict:
                     fails.setdefault(e["task"], set()).add(int(e["seed"]))
             eto = build_eto_pairs(first_episodes, expert_paths(env, {t: sorted(v) for t, v in fails.items()}), env.parse,
                                   pair_params.max_pairs_per_prompt)
-            eto_stats = {"pairs": int(len(eto))}
+            arm_stats["eto"] = {"pairs": int(len(eto))}
             if not eto.empty:
                 res = train_dpo(base, sft.adapter_dir, to_dpo_records(eto), work / "arm_eto", DPOParams(**dpo_cfg), anchor=demos)
         if not eto.empty:
             evaluate("arm:eto", res.adapter_dir)
+    if "fallback" in arms and first_pairs is not None:
+        # Round 1's environment-feedback pairs plus ETO pairs at the seeds no rollout solved: the
+        # expert is asked only where the policy's own successes give no chosen side.
+        with clock.stage("arm:fallback"):
+            expert = expert_fallback_pairs(first_episodes, env, env.parse, pair_params.max_pairs_per_prompt)
+            mixed = pd.concat([first_pairs, expert[~expert["pair_id"].isin(first_pairs["pair_id"])]], ignore_index=True)
+            arm_stats["fallback"] = {"pairs": int(len(mixed)), "expert_pairs": int(len(expert)),
+                              "unsolved_seeds": sum(map(len, unsolved_seeds(first_episodes).values()))}
+            if not mixed.empty:
+                res = train_dpo(base, sft.adapter_dir, to_dpo_records(mixed), work / "arm_fallback", DPOParams(**dpo_cfg), anchor=demos)
+        if not mixed.empty:
+            evaluate("arm:fallback", res.adapter_dir)
     if "zero" in arms:
         # Zero demos: the base model (an untrained LoRA) explores with every action the page offers;
         # its successes become chosen and DPO trains from it against its frozen copy (the base).
@@ -313,7 +326,7 @@ def run(args) -> dict:
                 # No demos to anchor to: the zero-demo arm trains on its own successes only.
                 zres = train_dpo(base, zero, to_dpo_records(zero_pairs), work / "dpo_zero", DPOParams(**{**dpo_cfg, "anchor_weight": 0.0}))
             evaluate("zero_dpo", zres.adapter_dir)
-    objective_arms = [a for a in arms if a not in ("rft", "none", "eto", "zero")]
+    objective_arms = [a for a in arms if a not in ("rft", "none", "eto", "fallback", "zero")]
     if objective_arms and first_pairs is not None and not first_pairs.empty:
         # Other preference objectives on round 1's rollouts, from the same SFT adapter and with DPO's
         # hyperparameters: TRL DPO losses on the same pairs, or KTO on unpaired success/failure steps.
@@ -369,13 +382,13 @@ def run(args) -> dict:
         out.update(dpo_minus_rft_points=round(100 * d, 1), dpo_minus_rft_ci_low_points=round(100 * lo, 1),
                    dpo_minus_rft_ci_high_points=round(100 * hi, 1), dpo_beats_rft=decide(d, lo, hi))
     out["sft_validation"] = sft_validation
-    if "eto" in arms and first_episodes is not None:
-        out["eto"] = eto_stats
-        if "arm:eto" in eval_eps:
-            d, lo, hi = _paired_diff(eval_eps["arm:eto"], eval_eps[final], args.seed)
-            out["eto"].update(mean=round(float(np.mean([e["success"] for e in eval_eps["arm:eto"]])), 4),
-                              tasks=_per_task(eval_eps["arm:eto"], tasks), dpo_minus_eto_points=round(100 * d, 1),
-                              ci_points=[round(100 * lo, 1), round(100 * hi, 1)])
+    for arm, stats in arm_stats.items():  # expert-chosen arms, against the run's DPO on the same episodes
+        out[arm] = stats
+        if f"arm:{arm}" in eval_eps:
+            d, lo, hi = _paired_diff(eval_eps[f"arm:{arm}"], eval_eps[final], args.seed)
+            out[arm].update(mean=round(float(np.mean([e["success"] for e in eval_eps[f"arm:{arm}"]])), 4),
+                            tasks=_per_task(eval_eps[f"arm:{arm}"], tasks), **{f"dpo_minus_{arm}_points": round(100 * d, 1)},
+                            ci_points=[round(100 * lo, 1), round(100 * hi, 1)])
     if "zero" in arms:
         out["zero"] = zero_stats
         if "zero_dpo" in eval_eps:
@@ -385,7 +398,7 @@ def run(args) -> dict:
                                ci_points=[round(100 * lo, 1), round(100 * hi, 1)])
     # Per-episode success of every evaluated policy ("task:seed" -> 0/1, browser faults left out), so
     # benchmarks/suites.py can pool paired differences over training seeds and suites.
-    named = {"sft": "sft", "dpo": final, "rft": "rft", "random": "random", "eto": "arm:eto", "base": "base", "zero_dpo": "zero_dpo"}
+    named = {"sft": "sft", "dpo": final, "rft": "rft", "random": "random", "eto": "arm:eto", "fallback": "arm:fallback", "base": "base", "zero_dpo": "zero_dpo"}
     if final == "sft":
         named.pop("dpo")
     out["eval_success"] = {k: {f"{e['task']}:{e['seed']}": int(e["success"]) for e in eval_eps[v] if not e["env_error"]}
@@ -446,6 +459,10 @@ def print_table(res: dict) -> None:
     if res.get("eto", {}).get("mean") is not None:
         e = res["eto"]
         print(f"ETO arm (expert chosen, {e['pairs']} pairs): mean {e['mean']:.0%}; DPO - ETO {e['dpo_minus_eto_points']:+.1f} {e['ci_points']}")
+    if res.get("fallback", {}).get("mean") is not None:
+        e = res["fallback"]
+        print(f"fallback arm (DPO pairs + {e['expert_pairs']} expert pairs at {e['unsolved_seeds']} unsolved seeds): "
+              f"mean {e['mean']:.0%}; DPO - fallback {e['dpo_minus_fallback_points']:+.1f} {e['ci_points']}")
     if res.get("zero", {}).get("dpo_mean") is not None:
         z = res["zero"]
         print(f"zero-demo arm: base {z['base_mean']:.0%} -> DPO {z['dpo_mean']:.0%} ({z['pairs']} pairs); "
@@ -465,7 +482,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=1, help="on-policy rounds of rollouts -> pairs -> DPO; 0 = SFT and its evaluation only")
     ap.add_argument("--arms", default="rft", help="comma-separated arms on the same rollouts: rft (SFT on chosen), none, eto "
-                    "(DPO on expert-chosen / policy-failed pairs), zero (DPO from the base model with zero demos, candidate "
+                    "(DPO on expert-chosen / policy-failed pairs), fallback (DPO's pairs plus ETO pairs at seeds no "
+                    "rollout solved), zero (DPO from the base model with zero demos, candidate "
                     "exploration), kto "
                     "(unpaired success/failure steps of round 1), or a TRL DPO loss_type list joined by + (e.g. ipo, "
                     "sigmoid, sigmoid+sft) trained on round 1's pairs")

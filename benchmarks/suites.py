@@ -2,10 +2,10 @@
 
 Runs benchmarks/learning.py's whole loop per (suite, training seed) with one preset, adds each
 result to one JSON file (so the protocol can run suite by suite, no command longer than an hour
-here), and prints one table over everything in that file: per suite SFT, DPO, RFT, ETO and random
-mean success; DPO - SFT, DPO - RFT and DPO - ETO with paired 95% intervals pooled over training
-seeds; pairs, yield, wall time; then DPO - RFT pooled over all suites; with `--per-task`, the same per
-task, pooled over every run that evaluated it.
+here), and prints one table over everything in that file: per suite SFT, DPO, RFT, ETO, the expert
+fallback arm (FB) and random mean success; DPO - SFT, DPO - RFT, DPO - ETO and DPO - FB with paired
+95% intervals pooled over training seeds; pairs, yield, wall time; then the same differences pooled over
+all suites; with `--per-task`, per task, pooled over every run that evaluated it.
 
 Suites: `default` (the preset's), `full` (every supported task), and `random:K` — K disjoint random
 subsets of 2-6 supported tasks drawn by `--draw-seed` (a suite nobody picked), named `random<draw>-<i>`;
@@ -139,21 +139,22 @@ def table(results: dict) -> tuple[list[dict], str]:
     for r in results["runs"]:
         by_suite.setdefault(r["suite"], []).append(r)
     rows, lines = [], []
-    head = (f"{'suite':<16}{'tasks':>6}{'seeds':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'ETO':>6}{'rand':>6}"
-            f"{'DPO-SFT [95% CI]':>24}{'DPO-RFT [95% CI]':>24}{'DPO-ETO [95% CI]':>24}{'pairs':>10}{'yield':>12}{'wall s':>8}")
+    head = (f"{'suite':<16}{'tasks':>6}{'seeds':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'ETO':>6}{'FB':>6}{'rand':>6}"
+            f"{'DPO-SFT [95% CI]':>24}{'DPO-RFT [95% CI]':>24}{'DPO-ETO [95% CI]':>24}{'DPO-FB [95% CI]':>24}{'pairs':>10}{'yield':>12}{'wall s':>8}")
     lines.append(head)
     for suite, runs in by_suite.items():
         row = {"suite": suite, "tasks": runs[0]["tasks"], "train_seeds": [r["seed"] for r in runs],
-               **{p: _mean(runs, p) for p in ("sft", "dpo", "rft", "eto", "random", "base", "zero_dpo")},
+               **{p: _mean(runs, p) for p in ("sft", "dpo", "rft", "eto", "fallback", "random", "base", "zero_dpo")},
                "dpo_minus_sft": pooled_diff(runs, "dpo", "sft"), "dpo_minus_rft": pooled_diff(runs, "dpo", "rft"),
-               "dpo_minus_eto": pooled_diff(runs, "dpo", "eto"), "zero_minus_base": pooled_diff(runs, "zero_dpo", "base"),
+               "dpo_minus_eto": pooled_diff(runs, "dpo", "eto"), "dpo_minus_fallback": pooled_diff(runs, "dpo", "fallback"),
+               "zero_minus_base": pooled_diff(runs, "zero_dpo", "base"),
                "pairs": [r.get("pairs") for r in runs], "pair_yield": [r.get("pair_yield") for r in runs],
                "wall_seconds": [r["wall_seconds"]["total"] for r in runs],
                "sft_gate": [r.get("sft_validation", {}).get("passed") for r in runs]}
         rows.append(row)
         lines.append(f"{suite:<16}{len(row['tasks']):>6}{len(runs):>6}{_pct(row['sft']):>6}{_pct(row['dpo']):>6}{_pct(row['rft']):>6}"
-                     f"{_pct(row['eto']):>6}{_pct(row['random']):>6}{_fmt(row['dpo_minus_sft']):>24}{_fmt(row['dpo_minus_rft']):>24}"
-                     f"{_fmt(row['dpo_minus_eto']):>24}{'/'.join(str(p) for p in row['pairs']):>10}"
+                     f"{_pct(row['eto']):>6}{_pct(row['fallback']):>6}{_pct(row['random']):>6}{_fmt(row['dpo_minus_sft']):>24}{_fmt(row['dpo_minus_rft']):>24}"
+                     f"{_fmt(row['dpo_minus_eto']):>24}{_fmt(row['dpo_minus_fallback']):>24}{'/'.join(str(p) for p in row['pairs']):>10}"
                      f"{'/'.join(f'{y:.2f}' for y in row['pair_yield'] if y is not None):>12}{sum(row['wall_seconds']):>8.0f}")
     for suite, runs in by_suite.items():
         lines.append(f"  {suite}: {', '.join(runs[0]['tasks'])}")
@@ -162,6 +163,7 @@ def table(results: dict) -> tuple[list[dict], str]:
             lines.append(f"  {suite} zero-demo arm: base {_pct(_mean(runs, 'base'))}% -> DPO {_pct(_mean(runs, 'zero_dpo'))}%, {_fmt(z)}")
     all_runs = results["runs"]
     pooled = {"dpo_minus_rft": pooled_diff(all_runs, "dpo", "rft"), "dpo_minus_eto": pooled_diff(all_runs, "dpo", "eto"),
+              "dpo_minus_fallback": pooled_diff(all_runs, "dpo", "fallback"),
               "dpo_minus_sft": pooled_diff(all_runs, "dpo", "sft")}
     lines.append("pooled over all suites: " + ", ".join(f"{k.replace('_minus_', ' - ').upper()} {_fmt(v)} (n={v[3]})"
                                                        for k, v in pooled.items() if v))
@@ -174,7 +176,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--draw-seed", type=int, default=0, help="seed that draws the random suites")
     ap.add_argument("--train-seeds", default="0,1", help="training seeds per suite")
     ap.add_argument("--preset", default="default")
-    ap.add_argument("--arms", default="rft,eto", help="learning.py arms per run (rft, eto, zero, ...)")
+    ap.add_argument("--arms", default="rft,eto", help="learning.py arms per run (rft, eto, fallback, zero, ...)")
     ap.add_argument("--eval-offset", type=int, default=0, help="held-out seeds start this far into the eval band")
     ap.add_argument("--eval-seeds", type=int, default=0, help="override held-out seeds per task")
     ap.add_argument("--rollout-seeds", type=int, default=0, help="learning.py --rollout-seeds: rollout seeds per task")

@@ -4,6 +4,9 @@ failed from is chosen, the policy's action there is rejected.
 A peer method for the benchmark: on the same rollouts, does pairing the policy's own successes with
 its failures (dpo_driver.pairs) teach more than pairing an expert's action with its failures?
 ETO needs an expert on the rollout seeds; environment-feedback pairs need none.
+
+`expert_fallback_pairs` joins the two: ETO pairs only at the seeds where no rollout succeeded, the
+blind spot of environment-feedback pairs (a task the policy never solves gives them nothing).
 """
 
 from __future__ import annotations
@@ -59,3 +62,22 @@ def build_eto_pairs(episodes: list[dict], paths: dict, parse: Callable[[str], Pa
                                  "rejected_score": 0.0, "margin": 1.0, "chosen_episode": "expert", "rejected_episode": ep["episode_id"]}
             break
     return pd.DataFrame(list(rows.values()), columns=PAIR_COLUMNS)
+
+
+def unsolved_seeds(episodes: list[dict]) -> dict[str, list[int]]:
+    """{task: seeds} where no rollout sample succeeded (browser faults ignored): no chosen side there."""
+    seen, solved = defaultdict(set), set()
+    for ep in _training_episodes(episodes):
+        seen[ep["task"]].add(int(ep["seed"]))
+        if ep["success"]:
+            solved.add((ep["task"], int(ep["seed"])))
+    out = {t: sorted(s for s in seeds if (t, s) not in solved) for t, seeds in sorted(seen.items())}
+    return {t: s for t, s in out.items() if s}
+
+
+def expert_fallback_pairs(episodes: list[dict], env: Environment, parse: Callable[[str], Parsed],
+                          max_pairs_per_prompt: int = 2) -> pd.DataFrame:
+    """ETO pairs at the unsolved seeds only; where some sample succeeded the policy's own success is the chosen side."""
+    unsolved = unsolved_seeds(episodes)
+    keep = [ep for ep in episodes if int(ep["seed"]) in unsolved.get(ep["task"], ())]
+    return build_eto_pairs(keep, expert_paths(env, unsolved), parse, max_pairs_per_prompt)

@@ -15,7 +15,7 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
         main(["--preset", "tiny", "--arms", "rft,ipo", "--dpo", '{"loss_type": ["ipo"]}', "--workdir", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()
     out = tmp_path / "learning.json"
-    res = main(["--preset", "tiny", "--eval-seeds", "2", "--arms", "rft,ipo,kto", "--json", str(out), "--workdir", str(tmp_path / "work"),
+    res = main(["--preset", "tiny", "--eval-seeds", "2", "--arms", "rft,ipo,kto,fallback", "--json", str(out), "--workdir", str(tmp_path / "work"),
                 "--rollout-seeds", "5", "--pair-validation-seeds", "2",  # the suite's 4 and 1, overridden
                 "--num-envs", "2"])  # evaluation on two browsers in lockstep
     saved = json.loads(out.read_text())
@@ -46,6 +46,10 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
         assert ipo[f"minus_{other}_points"] == pytest.approx(100 * (ipo["mean"] - mean), abs=0.1)
     assert {"arm:ipo", "arm:kto"} <= saved["wall_seconds"].keys()
     assert saved["arms"]["kto"]["tasks"].keys() == saved["tasks"].keys()  # KTO on the unpaired steps of the same rollouts
+    fb = saved["fallback"]  # the run's pairs plus the expert's at the seeds no rollout solved
+    assert fb["unsolved_seeds"] > 0 and fb["expert_pairs"] > 0 and saved["pairs"] < fb["pairs"] <= saved["pairs"] + fb["expert_pairs"]
+    assert fb["ci_points"][0] <= fb["dpo_minus_fallback_points"] <= fb["ci_points"][1]
+    assert saved["eval_success"]["fallback"].keys() == saved["eval_success"]["dpo"].keys()
 
     # The checkpoint probe on that run: DPO from the RFT adapter, the run's SFT on the same items.
     from benchmarks.dpo_checkpoints import main as probe

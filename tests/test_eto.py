@@ -1,6 +1,6 @@
 """ETO-style pairs on real MiniWoB++ enter-text: the expert's action where the policy left its path."""
 
-from dpo_driver.eto import build_eto_pairs, expert_paths
+from dpo_driver.eto import build_eto_pairs, expert_fallback_pairs, expert_paths, unsolved_seeds
 from dpo_driver.policy import Sampling
 from dpo_driver.rollouts import run_episodes
 from dpo_driver.tasks import seeds_for
@@ -36,3 +36,24 @@ def test_eto_pairs_put_the_experts_action_against_the_first_divergent_failure(mi
     for _, p in pairs.iterrows():
         assert p["step"] == 0 and p["chosen"].startswith('type textbox "') and p["chosen"] != p["rejected"]
         assert p["rejected"] in ('click button "Submit"', 'type textbox "nobody"')
+
+
+def test_unsolved_seeds_are_those_where_no_sample_succeeded_and_browser_faults_do_not_count():
+    def e(task, seed, sample, success, env_error=False):
+        return {"episode_id": f"{task}-{seed}-{sample}", "task": task, "seed": seed, "sample": sample,
+                "success": success, "env_error": env_error, "steps": []}
+    a, b = seeds_for("rollout", 2)
+    eps = [e("t1", a, 0, False), e("t1", a, 1, True), e("t1", b, 0, False), e("t2", a, 0, False),
+           e("t2", b, 0, False), e("t2", b, 1, True, env_error=True)]
+    assert unsolved_seeds(eps) == {"t1": [b], "t2": [a, b]}
+    assert unsolved_seeds([e("t1", a, 0, True)]) == {}
+
+
+def test_expert_fallback_pairs_only_where_no_rollout_succeeded(miniwob):
+    seeds = seeds_for("rollout", 2)
+    eps = run_episodes(SubmitFirst(False), miniwob, ["enter-text"], seeds, 1, Sampling(temperature=0.0), max_steps=3, num_envs=0)
+    # Mark seed 0 solved (as if another sample had succeeded there): the expert is not asked on it.
+    solved = {**eps[0], "episode_id": "solved", "sample": 1, "success": True}
+    pairs = expert_fallback_pairs(eps + [solved], miniwob, miniwob.parse)
+    assert list(pairs["seed"]) == [seeds[1]]
+    assert pairs.iloc[0]["chosen"].startswith('type textbox "') and pairs.iloc[0]["rejected"] == 'click button "Submit"'
