@@ -32,7 +32,7 @@ from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, 
 from dpo_assets.presets import op_configs, preset
 from dpo_driver.demos import generate_demos
 from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, preference_accuracy, train_and_validation_pairs
-from dpo_driver.eto import build_eto_pairs, expert_fallback_pairs, expert_paths, unsolved_seeds
+from dpo_driver.eto import build_eto_pairs, expert_paths, with_expert_fallback
 from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.model import bf16_is_native, resolve_model
 from dpo_driver.pairs import build_preference_pairs, pair_yield, to_dpo_records, to_kto_records
@@ -303,10 +303,8 @@ def run(args) -> dict:
         # Round 1's environment-feedback pairs plus ETO pairs at the seeds no rollout solved: the
         # expert is asked only where the policy's own successes give no chosen side.
         with clock.stage("arm:fallback"):
-            expert = expert_fallback_pairs(first_episodes, env, env.parse, pair_params.max_pairs_per_prompt)
-            mixed = pd.concat([first_pairs, expert[~expert["pair_id"].isin(first_pairs["pair_id"])]], ignore_index=True)
-            arm_stats["fallback"] = {"pairs": int(len(mixed)), "expert_pairs": int(len(expert)),
-                              "unsolved_seeds": sum(map(len, unsolved_seeds(first_episodes).values()))}
+            mixed, counts = with_expert_fallback(first_pairs, first_episodes, env, pair_params.max_pairs_per_prompt)
+            arm_stats["fallback"] = {"pairs": int(len(mixed)), **counts}
             if not mixed.empty:
                 res = train_dpo(base, sft.adapter_dir, to_dpo_records(mixed), work / "arm_fallback", DPOParams(**dpo_cfg), anchor=demos)
         if not mixed.empty:

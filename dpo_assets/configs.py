@@ -73,6 +73,10 @@ class PairsConfig(dg.Config):
     skip_reordered: bool = Field(default(PairParams, "skip_reordered"), description="no pair where the failure's action at the divergence is "
                                  "one the success also takes later and the failure went on after it (the same actions in another order: "
                                  "what failed came later)")
+    expert_fallback: bool = Field(False, description="also pair the family's expert action (chosen) with the policy's action where a "
+                                  "failed episode first left the expert's path (rejected), at the rollout seeds where no sample "
+                                  "succeeded: the only pairs a task the policy never solves can give (ETO-style; needs a family "
+                                  "with an expert; dpo_driver.eto.with_expert_fallback)")
     validation_fraction: float = Field(0.0, description="share of each task's training pairs also held out of DPO (whole prompts, "
                                        "stratified by task; dpo_driver.dpo_gates.split_pairs) for the preference-accuracy gate. "
                                        "Rolled-out pairs need none: task_suite.pair_validation_seeds gives held-out pairs at no cost to "

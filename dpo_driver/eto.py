@@ -81,3 +81,13 @@ def expert_fallback_pairs(episodes: list[dict], env: Environment, parse: Callabl
     unsolved = unsolved_seeds(episodes)
     keep = [ep for ep in episodes if int(ep["seed"]) in unsolved.get(ep["task"], ())]
     return build_eto_pairs(keep, expert_paths(env, unsolved), parse, max_pairs_per_prompt)
+
+
+def with_expert_fallback(pairs: pd.DataFrame, episodes: list[dict], env: Environment,
+                         max_pairs_per_prompt: int = 2) -> tuple[pd.DataFrame, dict]:
+    """`pairs` plus the expert's pairs at the unsolved seeds (those already in `pairs` not repeated), and counts."""
+    if not env.has_expert:
+        raise ValueError(f"expert fallback needs a family with an expert; {env.name!r} has none (Environment.has_expert)")
+    expert = expert_fallback_pairs(episodes, env, env.parse, max_pairs_per_prompt)
+    mixed = pd.concat([pairs, expert[~expert["pair_id"].isin(pairs["pair_id"])]], ignore_index=True)
+    return mixed, {"expert_pairs": int(len(mixed) - len(pairs)), "unsolved_seeds": sum(map(len, unsolved_seeds(episodes).values()))}

@@ -45,6 +45,7 @@ def run(tmp_path_factory):
         # Round 2 also trains with the demo anchor, through the same Pipes job as production.
         config2 = improvement_run_config(preset("tiny"))
         config2["ops"]["dpo_adapter"]["config"]["anchor_weight"] = 1.0
+        config2["ops"]["preference_pairs"]["config"]["expert_fallback"] = True  # and with the expert's pairs where nothing succeeded
         round2 = dg.materialize(ASSETS + CHECKS, resources=resources, run_config=config2, instance=instance,
                                 selection=dg.AssetSelection.assets(*ASSETS[1:]))
         yield result, home, round2
@@ -163,3 +164,18 @@ def test_second_round_acts_with_the_champion(run):
     assert sorted(int(v.version) for v in versions) == [1, 2]
     champion = client.get_registered_model("dpo-driver-policy").aliases["champion"]
     assert str(champion) == ("2" if report.decision == "promote" else "1")
+
+
+def test_expert_fallback_pairs_only_at_seeds_no_rollout_solved(run):
+    result, _, round2 = run
+    eps = round2.output_for_node("rollout_trajectories")
+    pairs = round2.output_for_node("preference_pairs")
+    expert = pairs[pairs["chosen_episode"] == "expert"]
+    assert len(expert) > 0 and set(expert["split"]) == {"train"}
+    assert (result.output_for_node("preference_pairs")["chosen_episode"] != "expert").all()  # round 1: off (the preset)
+    training = eps[eps["split"] != "validation"]
+    solved = set(map(tuple, training[training["success"].astype(bool)][["task", "seed"]].values.tolist()))
+    assert not {(t, int(s)) for t, s in zip(expert["task"], expert["seed"])} & solved
+    assert all(parse_action(c) and parse_action(r) and c != r for c, r in zip(expert["chosen"], expert["rejected"]))
+    [mat] = [e for e in round2.get_asset_materialization_events() if e.asset_key.to_user_string() == "preference_pairs"]
+    assert mat.materialization.metadata["expert_pairs"].value == len(expert)
