@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from dpo_driver.environment import EnvCrashed, Environment
 from dpo_driver.policy import Sampling
-from dpo_driver.rollouts import EpisodeSpec, _crashed, _distinct, _episode, _replay
+from dpo_driver.rollouts import EpisodeSpec, _crashed, _distinct, _episode, _replay, branch_budget
 
 Job = tuple[EpisodeSpec, list[str], dict]  # what to play, the forced outputs, extra record fields
 
@@ -102,19 +102,24 @@ def run_batched(policy, env: Environment, tasks: list[str], seeds: list[int], sa
         for ep in play(jobs):
             roots.setdefault(ep["seed"], []).append(ep)
         if branching:
-            _branch_in_waves(env, policy, task, roots, play, samples_per_seed, sampling)
+            _branch_in_waves(env, policy, task, roots, play, samples_per_seed, sampling,
+                             branch_budget(samples_per_seed, max_steps or env.max_steps(task)))
     return _in_order(episodes, tasks, seeds)
 
 
-def _branch_in_waves(env: Environment, policy, task: str, roots: dict[int, list[dict]], play, k: int, sampling: Sampling) -> None:
+def _branch_in_waves(env: Environment, policy, task: str, roots: dict[int, list[dict]], play, k: int, sampling: Sampling,
+                     max_branches: int) -> None:
     """rollouts._branch_successes for all seeds at once: each wave branches every not yet branched
-    state of the shortest successes found so far, then plays all children together."""
+    state of the shortest successes found so far, then plays all children together; at most
+    `max_branches` children per seed."""
     found = {seed: list(eps) for seed, eps in roots.items()}
     branched: dict[int, set[str]] = {seed: set() for seed in found}
     next_sample = {seed: len(eps) for seed, eps in found.items()}
     while True:
         states = []  # (seed, successful episode, step t)
         for seed, eps in found.items():
+            if next_sample[seed] - len(roots[seed]) >= max_branches:
+                continue
             wins = [e for e in eps if e["success"]]
             shortest = min((e["num_steps"] for e in wins), default=0)
             for ep in sorted((e for e in wins if e["num_steps"] == shortest), key=lambda e: e["sample"]):
@@ -135,6 +140,8 @@ def _branch_in_waves(env: Environment, policy, task: str, roots: dict[int, list[
         for (seed, ep, t), outs in zip(states, proposals):
             prefix, taken = [s["output"] for s in ep["steps"][:t]], ep["steps"][t]["output"].strip()
             for out in _distinct(outs):
+                if next_sample[seed] - len(roots[seed]) >= max_branches:
+                    break
                 if out.strip() != taken:  # that branch is `ep` itself
                     jobs.append((EpisodeSpec(task, seed, next_sample[seed]), prefix + [out], {"branch_of": ep["episode_id"], "branch_step": t}))
                     next_sample[seed] += 1
