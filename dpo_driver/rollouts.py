@@ -222,12 +222,14 @@ def _branch_successes(session: Session, policy, roots: list[dict], play, seed: i
     """
     queue, branched, sample = [e for e in roots if e["success"]], set(), len(roots)
     shortest = min((e["num_steps"] for e in queue), default=0)
-    while queue and sample - len(roots) < max_branches:
+    while queue:
         queue.sort(key=lambda e: e["num_steps"])
         ep = queue.pop(0)
         if ep["num_steps"] > shortest:
             continue
         for t in range(1, ep["num_steps"]):
+            if sample - len(roots) >= max_branches:
+                return  # before replaying and sampling a state no child of which will be played
             prompt = ep["steps"][t]["prompt"]
             if prompt in branched:
                 continue
