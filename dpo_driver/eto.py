@@ -76,9 +76,10 @@ def unsolved_seeds(episodes: list[dict]) -> dict[str, list[int]]:
 
 
 def expert_fallback_pairs(episodes: list[dict], env: Environment, parse: Callable[[str], Parsed],
-                          max_pairs_per_prompt: int = 2) -> pd.DataFrame:
-    """ETO pairs at the unsolved seeds only; where some sample succeeded the policy's own success is the chosen side."""
-    unsolved = unsolved_seeds(episodes)
+                          max_pairs_per_prompt: int = 2, unsolved: dict[str, list[int]] | None = None) -> pd.DataFrame:
+    """ETO pairs at the unsolved seeds only (`unsolved`: unsolved_seeds(episodes), when the caller has it);
+    where some sample succeeded the policy's own success is the chosen side."""
+    unsolved = unsolved_seeds(episodes) if unsolved is None else unsolved
     keep = [ep for ep in episodes if int(ep["seed"]) in unsolved.get(ep["task"], ())]
     return build_eto_pairs(keep, expert_paths(env, unsolved), parse, max_pairs_per_prompt)
 
@@ -88,6 +89,7 @@ def with_expert_fallback(pairs: pd.DataFrame, episodes: list[dict], env: Environ
     """`pairs` plus the expert's pairs at the unsolved seeds (those already in `pairs` not repeated), and counts."""
     if not env.has_expert:
         raise ValueError(f"expert fallback needs a family with an expert; {env.name!r} has none (Environment.has_expert)")
-    expert = expert_fallback_pairs(episodes, env, env.parse, max_pairs_per_prompt)
+    unsolved = unsolved_seeds(episodes)
+    expert = expert_fallback_pairs(episodes, env, env.parse, max_pairs_per_prompt, unsolved)
     mixed = pd.concat([pairs, expert[~expert["pair_id"].isin(pairs["pair_id"])]], ignore_index=True)
-    return mixed, {"expert_pairs": int(len(mixed) - len(pairs)), "unsolved_seeds": sum(map(len, unsolved_seeds(episodes).values()))}
+    return mixed, {"expert_pairs": int(len(mixed) - len(pairs)), "unsolved_seeds": sum(map(len, unsolved.values()))}
