@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from dpo_driver.environment import EnvCrashed, Environment
 from dpo_driver.policy import Sampling
-from dpo_driver.rollouts import EpisodeSpec, _crashed, _distinct, _episode, _replay, branch_budget
+from dpo_driver.rollouts import EpisodeSpec, _crashed, _distinct, _episode, _replay, branch_budget, step_limit
 
 Job = tuple[EpisodeSpec, list[str], dict]  # what to play, the forced outputs, extra record fields
 
@@ -53,7 +53,7 @@ def play_batched(env: Environment, policy, jobs: list[Job], sampling: Sampling, 
         while queue and len(live) < width:
             i, (spec, forced, extra) = queue.popleft()
             session = env.open(spec.task)
-            advance(i, _episode(env, session, spec, forced, max_steps or env.max_steps(spec.task), policy_name, **extra), session, None)
+            advance(i, _episode(env, session, spec, forced, step_limit(env, spec.task, max_steps), policy_name, **extra), session, None)
         if not live:
             continue
         order = sorted(live)
@@ -103,7 +103,7 @@ def run_batched(policy, env: Environment, tasks: list[str], seeds: list[int], sa
             roots.setdefault(ep["seed"], []).append(ep)
         if branching:
             _branch_in_waves(env, policy, task, roots, play, samples_per_seed, sampling,
-                             branch_budget(samples_per_seed, max_steps or env.max_steps(task)))
+                             branch_budget(samples_per_seed, step_limit(env, task, max_steps)))
     return _in_order(episodes, tasks, seeds)
 
 

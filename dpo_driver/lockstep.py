@@ -34,7 +34,7 @@ from typing import Any
 
 from dpo_driver.environment import EnvCrashed, Environment, Session
 from dpo_driver.policy import Sampling
-from dpo_driver.rollouts import DEFAULT_NUM_ENVS, MAX_CONSECUTIVE_CRASHES, EpisodeSpec, _crashed, _play
+from dpo_driver.rollouts import DEFAULT_NUM_ENVS, MAX_CONSECUTIVE_CRASHES, EpisodeSpec, _crashed, _play, step_limit
 
 # A new browser takes ~1 s to start, during which every other browser waits for the next batch;
 # a worker whose task is used up moves to another task only while that task still has more than
@@ -61,7 +61,7 @@ class _Lockstep:
     def __init__(self, policy, env: Environment, tasks: list[str], seeds: list[int], sampling: Sampling, max_steps: int | None,
                  policy_name: str, on_progress: Callable[[dict], None] | None, num_envs: int):
         self.policy, self.sampling, self.policy_name = policy, sampling, policy_name
-        self.max_steps = {t: max_steps or env.max_steps(t) for t in tasks}
+        self.max_steps = {t: step_limit(env, t, max_steps) for t in tasks}
         self.env = env
         self.on_progress = on_progress
         self.tasks = tasks

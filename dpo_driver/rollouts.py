@@ -158,7 +158,7 @@ def run_episodes(
         with env.open(task) as session:
             crashes = 0
 
-            task_steps = max_steps or env.max_steps(task)
+            task_steps = step_limit(env, task, max_steps)
 
             def play(spec: EpisodeSpec, forced: list[str], **extra) -> dict:
                 nonlocal crashes
@@ -198,6 +198,11 @@ def run_episodes(
                 if branching:
                     _branch_successes(session, policy, roots, play, seed, samples_per_seed, sampling, branch_budget(samples_per_seed, task_steps))
     return episodes
+
+
+def step_limit(env: Environment, task: str, max_steps: int | None) -> int:
+    """An episode's step limit: `max_steps` when given, else the task's own (env.max_steps)."""
+    return max_steps or env.max_steps(task)
 
 
 def branch_budget(k: int, task_steps: int) -> int:
