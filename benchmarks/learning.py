@@ -32,7 +32,7 @@ from dpo_assets.configs import DPOAdapterConfig, EvaluationConfig, PairsConfig, 
 from dpo_assets.presets import op_configs, preset
 from dpo_driver.demos import generate_demos
 from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, preference_accuracy, train_and_validation_pairs
-from dpo_driver.eto import build_eto_pairs, expert_paths, with_expert_fallback
+from dpo_driver.eto import build_eto_pairs, expert_paths, expert_start_episodes, with_expert_fallback
 from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.model import bf16_is_native, resolve_model
 from dpo_driver.pairs import build_preference_pairs, pair_yield, to_dpo_records, to_kto_records
@@ -309,6 +309,25 @@ def run(args) -> dict:
                 res = train_dpo(base, sft.adapter_dir, to_dpo_records(mixed), work / "arm_fallback", DPOParams(**dpo_cfg), anchor=demos)
         if not mixed.empty:
             evaluate("arm:fallback", res.adapter_dir)
+    if "backplay" in arms and first_pairs is not None:
+        # Round 1's pairs plus the pairs of episodes the SFT policy plays from the expert's states at
+        # the seeds no rollout solved (eto.expert_start_episodes): the chosen side stays the policy's.
+        m, tok = load_policy(base, sft.adapter_dir)
+        with clock.stage("rollouts:backplay"):
+            starts = expert_start_episodes(LMPolicy(m, tok, env), env, first_episodes, roll_cfg["samples_per_seed"],
+                                           _sampling(roll_cfg, False, env), max_steps, policy_name="sft")
+        del m, tok
+        with clock.stage("arm:backplay"):
+            extra_pairs = build_preference_pairs(starts, pair_params, weights, parse=env.parse)
+            mixed = pd.concat([first_pairs, extra_pairs[~extra_pairs["pair_id"].isin(first_pairs["pair_id"])]], ignore_index=True)
+            arm_stats["backplay"] = {"pairs": int(len(mixed)), "expert_start_pairs": int(len(mixed) - len(first_pairs)),
+                                     "episodes": len(starts), "successes": sum(bool(e["success"]) for e in starts),
+                                     "seeds": len({(e["task"], e["seed"]) for e in starts})}
+            print(f"backplay: {arm_stats['backplay']}", flush=True)
+            if not mixed.empty:
+                res = train_dpo(base, sft.adapter_dir, to_dpo_records(mixed), work / "arm_backplay", DPOParams(**dpo_cfg), anchor=demos)
+        if not mixed.empty:
+            evaluate("arm:backplay", res.adapter_dir)
     if "zero" in arms:
         # Zero demos: the base model (an untrained LoRA) explores with every action the page offers;
         # its successes become chosen and DPO trains from it against its frozen copy (the base).
@@ -324,7 +343,7 @@ def run(args) -> dict:
                 # No demos to anchor to: the zero-demo arm trains on its own successes only.
                 zres = train_dpo(base, zero, to_dpo_records(zero_pairs), work / "dpo_zero", DPOParams(**{**dpo_cfg, "anchor_weight": 0.0}))
             evaluate("zero_dpo", zres.adapter_dir)
-    objective_arms = [a for a in arms if a not in ("rft", "none", "eto", "fallback", "zero")]
+    objective_arms = [a for a in arms if a not in ("rft", "none", "eto", "fallback", "backplay", "zero")]
     if objective_arms and first_pairs is not None and not first_pairs.empty:
         # Other preference objectives on round 1's rollouts, from the same SFT adapter and with DPO's
         # hyperparameters: TRL DPO losses on the same pairs, or KTO on unpaired success/failure steps.
@@ -396,7 +415,7 @@ def run(args) -> dict:
                                ci_points=[round(100 * lo, 1), round(100 * hi, 1)])
     # Per-episode success of every evaluated policy ("task:seed" -> 0/1, browser faults left out), so
     # benchmarks/suites.py can pool paired differences over training seeds and suites.
-    named = {"sft": "sft", "dpo": final, "rft": "rft", "random": "random", "eto": "arm:eto", "fallback": "arm:fallback", "base": "base", "zero_dpo": "zero_dpo"}
+    named = {"sft": "sft", "dpo": final, "rft": "rft", "random": "random", "eto": "arm:eto", "fallback": "arm:fallback", "backplay": "arm:backplay", "base": "base", "zero_dpo": "zero_dpo"}
     if final == "sft":
         named.pop("dpo")
     out["eval_success"] = {k: {f"{e['task']}:{e['seed']}": int(e["success"]) for e in eval_eps[v] if not e["env_error"]}
@@ -461,6 +480,11 @@ def print_table(res: dict) -> None:
         e = res["fallback"]
         print(f"fallback arm (DPO pairs + {e['expert_pairs']} expert pairs at {e['unsolved_seeds']} unsolved seeds): "
               f"mean {e['mean']:.0%}; DPO - fallback {e['dpo_minus_fallback_points']:+.1f} {e['ci_points']}")
+    if res.get("backplay", {}).get("mean") is not None:
+        e = res["backplay"]
+        print(f"backplay arm (DPO pairs + {e['expert_start_pairs']} pairs from {e['episodes']} episodes at the expert's states of "
+              f"{e['seeds']} unsolved seeds, {e['successes']} successes): mean {e['mean']:.0%}; DPO - backplay "
+              f"{e['dpo_minus_backplay_points']:+.1f} {e['ci_points']}; per task {e['tasks']}")
     if res.get("zero", {}).get("dpo_mean") is not None:
         z = res["zero"]
         print(f"zero-demo arm: base {z['base_mean']:.0%} -> DPO {z['dpo_mean']:.0%} ({z['pairs']} pairs); "
@@ -481,7 +505,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=1, help="on-policy rounds of rollouts -> pairs -> DPO; 0 = SFT and its evaluation only")
     ap.add_argument("--arms", default="rft", help="comma-separated arms on the same rollouts: rft (SFT on chosen), none, eto "
                     "(DPO on expert-chosen / policy-failed pairs), fallback (DPO's pairs plus ETO pairs at seeds no "
-                    "rollout solved), zero (DPO from the base model with zero demos, candidate "
+                    "rollout solved), backplay (DPO's pairs plus pairs of the SFT policy's episodes from the expert's states at those seeds), zero (DPO from the base model with zero demos, candidate "
                     "exploration), kto "
                     "(unpaired success/failure steps of round 1), or a TRL DPO loss_type list joined by + (e.g. ipo, "
                     "sigmoid, sigmoid+sft) trained on round 1's pairs")

@@ -62,6 +62,10 @@ class RolloutConfig(dg.Config):
                              "sampling rollouts; empty = sample rollouts in the environment")
     scrub_pii: bool = Field(True, description="replace PII (dpo_driver.pii: emails, phones, cards, IPs, IBANs) in the episodes before "
                             "they are stored as training data; the blocking check rollout_trajectories_pii re-scans either way")
+    expert_starts: bool = Field(False, description="at the training seeds no sample solved, also play from the states of the family's "
+                                "expert episode, its last first, back to the first state the policy no longer finishes from: "
+                                "the policy's own successes and failures there pair up (backplay; needs a family with an expert; "
+                                "dpo_driver.eto.expert_start_episodes)")
 
 
 class PairsConfig(dg.Config):

@@ -44,7 +44,7 @@ def rollout_trajectories(
         episodes, metrics = collect_rollouts(lambda: LMPolicy(*policy_model.load(str(acting.adapter_dir)), env), env, tasks, seeds,
                                              config.samples_per_seed, sampling, config.max_steps, acting.role, str(acting.adapter_dir),
                                              config.traces_path, config.scrub_pii, episode_logger(context, "rollouts"),
-                                             validation_seeds=list(plan.pair_validation))
+                                             validation_seeds=list(plan.pair_validation), expert_starts=config.expert_starts)
         with st.files() as tmp:
             atomic_write_jsonl(tmp / "episodes.jsonl", episodes)
         st.run.log_metrics(metrics)

@@ -7,19 +7,26 @@ ETO needs an expert on the rollout seeds; environment-feedback pairs need none.
 
 `expert_fallback_pairs` joins the two: ETO pairs only at the seeds where no rollout succeeded, the
 blind spot of environment-feedback pairs (a task the policy never solves gives them nothing).
+
+`expert_start_episodes` fills the same blind spot without an expert-chosen side (backplay: Resnick et
+al., 2018; Salimans and Chen, 2018): at an unsolved seed the policy acts from the states of the
+expert's episode, nearest the end first, so it finds successes of its own; its sampled actions there
+pair with one another (pairs.build_preference_pairs groups episodes by their expert prefix).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
 
 import pandas as pd
 
-from collections.abc import Callable
-
 from dpo_driver.demos import play_expert
-from dpo_driver.environment import Environment, Parsed
+from dpo_driver.environment import EnvCrashed, Environment, Parsed
 from dpo_driver.pairs import PAIR_COLUMNS, _training_episodes, pair_id
+from dpo_driver.policy import Sampling
+from dpo_driver.rollouts import MAX_CONSECUTIVE_CRASHES, EpisodeSpec, _crashed, _distinct, _play, branch_budget, step_limit
 
 
 def expert_paths(env: Environment, tasks_seeds: dict[str, list[int]]) -> dict:
@@ -93,3 +100,64 @@ def with_expert_fallback(pairs: pd.DataFrame, episodes: list[dict], env: Environ
     expert = expert_fallback_pairs(episodes, env, env.parse, max_pairs_per_prompt, unsolved)
     mixed = pd.concat([pairs, expert[~expert["pair_id"].isin(pairs["pair_id"])]], ignore_index=True)
     return mixed, {"expert_pairs": int(len(mixed) - len(pairs)), "unsolved_seeds": sum(map(len, unsolved.values()))}
+
+
+def expert_start_episodes(policy, env: Environment, episodes: list[dict], samples_per_seed: int, sampling: Sampling,
+                          max_steps: int | None = None, policy_name: str = "policy") -> list[dict]:
+    """Episodes that start from the expert's states at the training seeds no sample of `episodes` solved.
+
+    Per unsolved seed, the expert's episode is replayed up to step t, for t from its last step back
+    towards the first; there the policy proposes K actions (`sampling`; the distinct ones played
+    out greedily, as in branching). The walk goes back while some proposal at t succeeds (the
+    frontier of what the policy can finish), and stops at the first state none does, or after
+    branch_budget(K, step limit) episodes. Each episode carries `expert_prefix` = t: its first t
+    outputs are the expert's, so it pairs only with episodes of the same prefix, whose divergence
+    lies after it (both sides the policy's own actions; no expert action is ever chosen or rejected).
+    """
+    if not env.has_expert:
+        raise ValueError(f"expert starts need a family with an expert; {env.name!r} has none (Environment.has_expert)")
+    train = [e for e in episodes if e.get("split", "train") == "train"]
+    next_sample: dict[tuple[str, int], int] = defaultdict(int)
+    for e in episodes:
+        key = (e["task"], int(e["seed"]))
+        next_sample[key] = max(next_sample[key], int(e["sample"]) + 1)
+    greedy_after = replace(sampling, temperature=0.0, strategy="sample")
+    out: list[dict] = []
+    for task, seeds in unsolved_seeds(train).items():
+        task_steps = step_limit(env, task, max_steps)
+        budget = branch_budget(samples_per_seed, task_steps)
+        with env.open(task) as session:
+            crashes = 0
+            for seed in seeds:
+                try:
+                    expert = play_expert(session, seed, task_steps)
+                except EnvCrashed as e:
+                    crashes += 1
+                    if crashes >= MAX_CONSECUTIVE_CRASHES:
+                        raise EnvCrashed(f"{task}: browser crashed {crashes} times in a row; last: {e}") from e
+                    continue
+                if not expert.solved:
+                    continue
+                path = [answer for _, answer in expert.steps]
+                sample, played = next_sample[(task, seed)], 0
+                for t in range(len(path) - 1, 0, -1):
+                    prompt, obs = expert.records[t]["prompt"][0]["content"], expert.steps[t][0]
+                    proposals = _distinct(policy.propose([prompt], [obs], samples_per_seed, sampling, seed=seed * 131 + t)[0])
+                    wins = 0
+                    for proposal in proposals[: budget - played]:
+                        spec = EpisodeSpec(task, seed, sample)
+                        try:
+                            ep = _play(env, session, policy, spec, path[:t] + [proposal], greedy_after, task_steps, policy_name,
+                                       expert_prefix=t)
+                            crashes = 0
+                        except EnvCrashed as e:
+                            crashes += 1
+                            if crashes >= MAX_CONSECUTIVE_CRASHES:
+                                raise EnvCrashed(f"{task}: browser crashed {crashes} times in a row; last: {e}") from e
+                            ep = _crashed(policy_name, spec, e)
+                        out.append({**ep, "split": "train"})
+                        sample, played = sample + 1, played + 1
+                        wins += bool(ep["success"])
+                    if not wins or played >= budget:
+                        break
+    return out

@@ -109,6 +109,13 @@ def steps_to_success(episodes: list[dict]) -> dict[str, int]:
     return best
 
 
+def expert_prefix(ep: dict) -> int:
+    """Steps of the expert's episode an episode started after (eto.expert_start_episodes); 0 for the others.
+    Episodes read back through a DataFrame carry NaN where the key was absent."""
+    value = ep.get("expert_prefix")
+    return 0 if value is None or value != value else int(value)
+
+
 def _training_episodes(episodes: list[dict]) -> list[dict]:
     """Episodes fit to train on: browser crashes dropped, evaluation seeds refused."""
     kept = []
@@ -127,13 +134,15 @@ def build_preference_pairs(episodes: list[dict], params: PairParams, weights: Sc
     (Environment.parse); `params.rejected_must_parse` needs it."""
     if params.rejected_must_parse and parse is None:
         raise ValueError("rejected_must_parse needs the environment's parse function")
-    by_state: dict[tuple[str, int], list[dict]] = {}
+    by_state: dict[tuple[str, int, int], list[dict]] = {}
     kept = _training_episodes(episodes)
     for ep in kept:
-        by_state.setdefault((ep["task"], int(ep["seed"])), []).append(ep)
+        # Episodes started from the expert's step t (eto.expert_start_episodes) pair among themselves:
+        # against any other, the first difference would be an expert action, chosen or rejected.
+        by_state.setdefault((ep["task"], int(ep["seed"]), expert_prefix(ep)), []).append(ep)
     shortest = steps_to_success(kept)
     rows, seen = [], set()
-    for (task, seed), eps in sorted(by_state.items()):
+    for (task, seed, _), eps in sorted(by_state.items()):
         scored = sorted(((score_episode(e, weights), e) for e in eps), key=lambda t: (-t[0], t[1]["sample"]))
         wins = [(s, e) for s, e in scored if e["success"]]
         losses = [(s, e) for s, e in scored if not e["success"]]

@@ -296,7 +296,7 @@ def evaluate_arms(load_policy: Callable[[str], Any], adapters: dict[str, str], e
 def collect_rollouts(load_policy: Callable[[], Any], env: Environment, tasks: list[str], seeds: list[int], samples_per_seed: int,
                      sampling: Sampling, max_steps: int | None, policy_name: str, adapter_dir: str, traces_path: str = "",
                      scrub_pii: bool = True, on_progress: Callable[[dict], None] | None = None,
-                     validation_seeds: list[int] = ()) -> tuple[list[dict], dict]:
+                     validation_seeds: list[int] = (), expert_starts: bool = False) -> tuple[list[dict], dict]:
     """The rollout stage: (episodes, metrics). The episodes are a team's logged traces when
     `traces_path` is given (checked line by line; no model is loaded), else K samples per seed of
     `load_policy()`; PII is scrubbed before they are stored as training data, and each names the
@@ -305,10 +305,15 @@ def collect_rollouts(load_policy: Callable[[], Any], env: Environment, tasks: li
     `validation_seeds` are played the same way *after* the training seeds (so the training
     episodes are exactly those of a run without them) and marked `split` "validation": their pairs
     are held out of DPO (`dpo_gates.train_and_validation_pairs`). Logged traces are all "train".
+    With `expert_starts`, the training seeds no sample solved are also played from the expert's
+    states (eto.expert_start_episodes), between the training and the validation episodes.
     """
     from dpo_driver.pii import counts_metadata, scrub_records
     from dpo_driver.traces import load_trace_jsonl
 
+    if expert_starts and (traces_path or not env.has_expert):
+        raise ValueError("expert_starts plays the family's expert episodes with the policy: it needs a family with an expert "
+                         f"({env.name!r}: {env.has_expert}) and sampled rollouts, not logged traces ({traces_path or 'none'})")
     stats = None
     if traces_path:
         episodes = [{**e, "split": "train"} for e in load_trace_jsonl(Path(traces_path), parse=env.parse)]
@@ -320,6 +325,10 @@ def collect_rollouts(load_policy: Callable[[], Any], env: Environment, tasks: li
                 played = run_episodes(policy, env, tasks, split_seeds, samples_per_seed, sampling, max_steps, policy_name=policy_name,
                                       on_progress=on_progress)
                 episodes += [{**e, "split": split} for e in played]
+            if split == "train" and expert_starts:
+                from dpo_driver.eto import expert_start_episodes  # imported here: eto builds on this module
+
+                episodes += expert_start_episodes(policy, env, episodes, samples_per_seed, sampling, max_steps, policy_name)
         stats = policy.stats
     pii = {}
     if scrub_pii:
@@ -329,6 +338,7 @@ def collect_rollouts(load_policy: Callable[[], Any], env: Environment, tasks: li
         ep["adapter_dir"] = adapter_dir
     ok = [e for e in episodes if not e["env_error"]]
     metrics = {"episodes": len(episodes), "validation_episodes": sum(e["split"] == "validation" for e in episodes),
+               "expert_start_episodes": sum("expert_prefix" in e for e in episodes),
                "env_errors": len(episodes) - len(ok), "success_rate": sum(bool(e["success"]) for e in ok) / len(ok) if ok else float("nan"), **pii}
     if stats is not None:
         metrics.update(gen_seconds=stats.seconds, gen_new_tokens=stats.new_tokens, gen_tokens_per_second=stats.tokens_per_second)

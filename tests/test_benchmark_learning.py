@@ -15,7 +15,7 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
         main(["--preset", "tiny", "--arms", "rft,ipo", "--dpo", '{"loss_type": ["ipo"]}', "--workdir", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()
     out = tmp_path / "learning.json"
-    res = main(["--preset", "tiny", "--eval-seeds", "2", "--arms", "rft,ipo,kto,fallback", "--json", str(out), "--workdir", str(tmp_path / "work"),
+    res = main(["--preset", "tiny", "--eval-seeds", "2", "--arms", "rft,ipo,kto,fallback,backplay", "--json", str(out), "--workdir", str(tmp_path / "work"),
                 "--rollout-seeds", "5", "--pair-validation-seeds", "2",  # the suite's 4 and 1, overridden
                 "--num-envs", "2"])  # evaluation on two browsers in lockstep
     saved = json.loads(out.read_text())
@@ -50,6 +50,10 @@ def test_learning_benchmark_smoke(tmp_path, monkeypatch):
     assert fb["unsolved_seeds"] > 0 and fb["expert_pairs"] > 0 and fb["pairs"] == saved["pairs"] + fb["expert_pairs"]
     assert fb["ci_points"][0] <= fb["dpo_minus_fallback_points"] <= fb["ci_points"][1]
     assert saved["eval_success"]["fallback"].keys() == saved["eval_success"]["dpo"].keys()
+    bp = saved["backplay"]  # the run's pairs plus those of the SFT policy's episodes from the expert's states there
+    assert bp["episodes"] > 0 and bp["seeds"] <= fb["unsolved_seeds"] and bp["pairs"] == saved["pairs"] + bp["expert_start_pairs"]
+    assert bp["ci_points"][0] <= bp["dpo_minus_backplay_points"] <= bp["ci_points"][1]
+    assert {"rollouts:backplay", "arm:backplay"} <= saved["wall_seconds"].keys()
 
     # The checkpoint probe on that run: DPO from the RFT adapter, the run's SFT on the same items.
     from benchmarks.dpo_checkpoints import main as probe

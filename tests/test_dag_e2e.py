@@ -46,6 +46,7 @@ def run(tmp_path_factory):
         config2 = improvement_run_config(preset("tiny"))
         config2["ops"]["dpo_adapter"]["config"]["anchor_weight"] = 1.0
         config2["ops"]["preference_pairs"]["config"]["expert_fallback"] = True  # and with the expert's pairs where nothing succeeded
+        config2["ops"]["rollout_trajectories"]["config"]["expert_starts"] = True  # and the policy's episodes from the expert's states there
         round2 = dg.materialize(ASSETS + CHECKS, resources=resources, run_config=config2, instance=instance,
                                 selection=dg.AssetSelection.assets(*ASSETS[1:]))
         yield result, home, round2
@@ -179,3 +180,21 @@ def test_expert_fallback_pairs_only_at_seeds_no_rollout_solved(run):
     assert all(parse_action(c) and parse_action(r) and c != r for c, r in zip(expert["chosen"], expert["rejected"]))
     [mat] = [e for e in round2.get_asset_materialization_events() if e.asset_key.to_user_string() == "preference_pairs"]
     assert mat.materialization.metadata["expert_pairs"].value == len(expert)
+
+
+def test_expert_starts_play_from_the_experts_states_at_unsolved_seeds_only(run):
+    result, _, round2 = run
+    assert "expert_prefix" not in result.output_for_node("rollout_trajectories")  # round 1: off (the preset)
+    eps = round2.output_for_node("rollout_trajectories")
+    starts = eps[eps["expert_prefix"].notna()]
+    assert len(starts) > 0 and set(starts["split"]) == {"train"}
+    training = eps[(eps["split"] == "train") & eps["expert_prefix"].isna()]
+    solved = set(map(tuple, training[training["success"].astype(bool)][["task", "seed"]].values.tolist()))
+    assert not set(zip(starts["task"], starts["seed"].astype(int))) & solved
+    [mat] = [e for e in round2.get_asset_materialization_events() if e.asset_key.to_user_string() == "rollout_trajectories"]
+    assert mat.materialization.metadata["expert_start_episodes"].value == len(starts)
+    prefix = dict(zip(starts["episode_id"], starts["expert_prefix"].astype(int)))
+    pairs = round2.output_for_node("preference_pairs")
+    for _, p in pairs[pairs["chosen_episode"].isin(prefix) | pairs["rejected_episode"].isin(prefix)].iterrows():
+        # paired only with an episode of the same prefix, after it: the policy's own actions on both sides
+        assert prefix.get(p["chosen_episode"]) == prefix.get(p["rejected_episode"]) and p["step"] >= prefix[p["chosen_episode"]]
