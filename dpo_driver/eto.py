@@ -26,7 +26,7 @@ from dpo_driver.demos import play_expert
 from dpo_driver.environment import EnvCrashed, Environment, Parsed
 from dpo_driver.pairs import PAIR_COLUMNS, _training_episodes, pair_id
 from dpo_driver.policy import Sampling
-from dpo_driver.rollouts import MAX_CONSECUTIVE_CRASHES, EpisodeSpec, _crashed, _distinct, _play, branch_budget, step_limit
+from dpo_driver.rollouts import CrashGuard, EpisodeSpec, _distinct, branch_budget, step_limit
 
 
 def expert_paths(env: Environment, tasks_seeds: dict[str, list[int]]) -> dict:
@@ -127,14 +127,12 @@ def expert_start_episodes(policy, env: Environment, episodes: list[dict], sample
         task_steps = step_limit(env, task, max_steps)
         budget = branch_budget(samples_per_seed, task_steps)
         with env.open(task) as session:
-            crashes = 0
+            crashes = CrashGuard(task)
             for seed in seeds:
                 try:
                     expert = play_expert(session, seed, task_steps)
                 except EnvCrashed as e:
-                    crashes += 1
-                    if crashes >= MAX_CONSECUTIVE_CRASHES:
-                        raise EnvCrashed(f"{task}: browser crashed {crashes} times in a row; last: {e}") from e
+                    crashes.failed(e)
                     continue
                 if not expert.solved:
                     continue
@@ -145,16 +143,8 @@ def expert_start_episodes(policy, env: Environment, episodes: list[dict], sample
                     proposals = _distinct(policy.propose([prompt], [obs], samples_per_seed, sampling, seed=seed * 131 + t)[0])
                     wins = 0
                     for proposal in proposals[: budget - played]:
-                        spec = EpisodeSpec(task, seed, sample)
-                        try:
-                            ep = _play(env, session, policy, spec, path[:t] + [proposal], greedy_after, task_steps, policy_name,
-                                       expert_prefix=t)
-                            crashes = 0
-                        except EnvCrashed as e:
-                            crashes += 1
-                            if crashes >= MAX_CONSECUTIVE_CRASHES:
-                                raise EnvCrashed(f"{task}: browser crashed {crashes} times in a row; last: {e}") from e
-                            ep = _crashed(policy_name, spec, e)
+                        ep = crashes.play(env, session, policy, EpisodeSpec(task, seed, sample), path[:t] + [proposal], greedy_after,
+                                          task_steps, policy_name, expert_prefix=t)
                         out.append({**ep, "split": "train"})
                         sample, played = sample + 1, played + 1
                         wins += bool(ep["success"])

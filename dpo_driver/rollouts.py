@@ -100,6 +100,33 @@ def _crashed(policy_name: str, spec: EpisodeSpec, err: Exception) -> dict:
                    env_error=True, error=str(err)[:500], num_steps=0, steps=[], wall_seconds=0.0)
 
 
+class CrashGuard:
+    """Counts one browser session's consecutive crashes: a crashed episode is recorded as such
+    (_crashed) and the run goes on, until MAX_CONSECUTIVE_CRASHES in a row stop it."""
+
+    def __init__(self, task: str):
+        self.task, self.count = task, 0
+
+    def failed(self, err: EnvCrashed) -> None:
+        self.count += 1
+        if self.count >= MAX_CONSECUTIVE_CRASHES:
+            raise EnvCrashed(f"{self.task}: browser crashed {self.count} times in a row; last: {err}") from err
+
+    def ok(self) -> None:
+        self.count = 0
+
+    def play(self, env: Environment, session: Session, policy, spec: EpisodeSpec, forced: list[str], sampling: Sampling,
+             max_steps: int, policy_name: str, **extra) -> dict:
+        """_play, or the crashed episode's record."""
+        try:
+            ep = _play(env, session, policy, spec, forced, sampling, max_steps, policy_name, **extra)
+        except EnvCrashed as e:
+            self.failed(e)
+            return _crashed(policy_name, spec, e)
+        self.ok()
+        return ep
+
+
 def _distinct(outputs: list[str]) -> list[str]:
     """Outputs in order, each answer (up to surrounding whitespace) once."""
     first: dict[str, str] = {}
@@ -156,20 +183,11 @@ def run_episodes(
     t_start = time.perf_counter()
     for task in tasks:
         with env.open(task) as session:
-            crashes = 0
-
+            crashes = CrashGuard(task)
             task_steps = step_limit(env, task, max_steps)
 
             def play(spec: EpisodeSpec, forced: list[str], **extra) -> dict:
-                nonlocal crashes
-                try:
-                    ep = _play(env, session, policy, spec, forced, after_first, task_steps, policy_name, **extra)
-                    crashes = 0
-                except EnvCrashed as e:
-                    crashes += 1
-                    if crashes >= MAX_CONSECUTIVE_CRASHES:
-                        raise EnvCrashed(f"{task}: browser crashed {crashes} times in a row; last: {e}") from e
-                    ep = _crashed(policy_name, spec, e)
+                ep = crashes.play(env, session, policy, spec, forced, after_first, task_steps, policy_name, **extra)
                 episodes.append(ep)
                 if on_progress:
                     done = len(episodes)
@@ -183,12 +201,10 @@ def run_episodes(
                 try:
                     obs, prompt = session.reset(seed)
                 except EnvCrashed as e:
-                    crashes += 1
-                    if crashes >= MAX_CONSECUTIVE_CRASHES:
-                        raise
+                    crashes.failed(e)
                     episodes += [_crashed(policy_name, EpisodeSpec(task, seed, k), e) for k in range(samples_per_seed)]
                     continue
-                crashes = 0
+                crashes.ok()
                 observations.append(obs)
                 prompts.append(prompt)
                 live_seeds.append(seed)
