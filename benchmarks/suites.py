@@ -3,7 +3,7 @@
 Runs benchmarks/learning.py's whole loop per (suite, training seed) with one preset, adds each
 result to one JSON file (so the protocol can run suite by suite, no command longer than an hour
 here), and prints one table over everything in that file: per suite SFT, DPO, RFT, ETO, the expert
-fallback arm (FB) and random mean success; DPO - SFT, DPO - RFT, DPO - ETO and DPO - FB with paired
+fallback arm (FB), the expert-start arm (BP) and random mean success; DPO - SFT, DPO - RFT and DPO minus each of those with paired
 95% intervals pooled over training seeds; pairs, yield, wall time; then the same differences pooled over
 all suites; with `--per-task`, per task, pooled over every run that evaluated it.
 
@@ -134,27 +134,31 @@ def _pct(x) -> str:
     return f"{x:.0f}" if x is not None else "-"
 
 
+# The arms compared with DPO in the table besides RFT (learning.py arm -> column): expert-assisted peers.
+EXPERT_ARMS = {"eto": "ETO", "fallback": "FB", "backplay": "BP"}
+
+
 def table(results: dict) -> tuple[list[dict], str]:
     by_suite: dict[str, list[dict]] = {}
     for r in results["runs"]:
         by_suite.setdefault(r["suite"], []).append(r)
     rows, lines = [], []
-    head = (f"{'suite':<16}{'tasks':>6}{'seeds':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}{'ETO':>6}{'FB':>6}{'rand':>6}"
-            f"{'DPO-SFT [95% CI]':>24}{'DPO-RFT [95% CI]':>24}{'DPO-ETO [95% CI]':>24}{'DPO-FB [95% CI]':>24}{'pairs':>10}{'yield':>12}{'wall s':>8}")
+    versus = ["sft", "rft", *EXPERT_ARMS]
+    label = {"sft": "SFT", "rft": "RFT", **EXPERT_ARMS}
+    head = (f"{'suite':<16}{'tasks':>6}{'seeds':>6}{'SFT':>6}{'DPO':>6}{'RFT':>6}" + "".join(f"{c:>6}" for c in EXPERT_ARMS.values())
+            + f"{'rand':>6}" + "".join(f"{'DPO-' + label[a] + ' [95% CI]':>24}" for a in versus) + f"{'pairs':>10}{'yield':>12}{'wall s':>8}")
     lines.append(head)
     for suite, runs in by_suite.items():
         row = {"suite": suite, "tasks": runs[0]["tasks"], "train_seeds": [r["seed"] for r in runs],
-               **{p: _mean(runs, p) for p in ("sft", "dpo", "rft", "eto", "fallback", "random", "base", "zero_dpo")},
-               "dpo_minus_sft": pooled_diff(runs, "dpo", "sft"), "dpo_minus_rft": pooled_diff(runs, "dpo", "rft"),
-               "dpo_minus_eto": pooled_diff(runs, "dpo", "eto"), "dpo_minus_fallback": pooled_diff(runs, "dpo", "fallback"),
+               **{p: _mean(runs, p) for p in ("sft", "dpo", "rft", *EXPERT_ARMS, "random", "base", "zero_dpo")},
+               **{f"dpo_minus_{a}": pooled_diff(runs, "dpo", a) for a in versus},
                "zero_minus_base": pooled_diff(runs, "zero_dpo", "base"),
                "pairs": [r.get("pairs") for r in runs], "pair_yield": [r.get("pair_yield") for r in runs],
                "wall_seconds": [r["wall_seconds"]["total"] for r in runs],
                "sft_gate": [r.get("sft_validation", {}).get("passed") for r in runs]}
         rows.append(row)
-        lines.append(f"{suite:<16}{len(row['tasks']):>6}{len(runs):>6}{_pct(row['sft']):>6}{_pct(row['dpo']):>6}{_pct(row['rft']):>6}"
-                     f"{_pct(row['eto']):>6}{_pct(row['fallback']):>6}{_pct(row['random']):>6}{_fmt(row['dpo_minus_sft']):>24}{_fmt(row['dpo_minus_rft']):>24}"
-                     f"{_fmt(row['dpo_minus_eto']):>24}{_fmt(row['dpo_minus_fallback']):>24}{'/'.join(str(p) for p in row['pairs']):>10}"
+        lines.append(f"{suite:<16}{len(row['tasks']):>6}{len(runs):>6}" + "".join(f"{_pct(row[p]):>6}" for p in ("sft", "dpo", "rft", *EXPERT_ARMS, "random"))
+                     + "".join(f"{_fmt(row[f'dpo_minus_{a}']):>24}" for a in versus) + f"{'/'.join(str(p) for p in row['pairs']):>10}"
                      f"{'/'.join(f'{y:.2f}' for y in row['pair_yield'] if y is not None):>12}{sum(row['wall_seconds']):>8.0f}")
     for suite, runs in by_suite.items():
         lines.append(f"  {suite}: {', '.join(runs[0]['tasks'])}")
@@ -162,9 +166,7 @@ def table(results: dict) -> tuple[list[dict], str]:
         if z:
             lines.append(f"  {suite} zero-demo arm: base {_pct(_mean(runs, 'base'))}% -> DPO {_pct(_mean(runs, 'zero_dpo'))}%, {_fmt(z)}")
     all_runs = results["runs"]
-    pooled = {"dpo_minus_rft": pooled_diff(all_runs, "dpo", "rft"), "dpo_minus_eto": pooled_diff(all_runs, "dpo", "eto"),
-              "dpo_minus_fallback": pooled_diff(all_runs, "dpo", "fallback"),
-              "dpo_minus_sft": pooled_diff(all_runs, "dpo", "sft")}
+    pooled = {f"dpo_minus_{a}": pooled_diff(all_runs, "dpo", a) for a in ("rft", *EXPERT_ARMS, "sft")}
     lines.append("pooled over all suites: " + ", ".join(f"{k.replace('_minus_', ' - ').upper()} {_fmt(v)} (n={v[3]})"
                                                        for k, v in pooled.items() if v))
     return rows, "\n".join(lines)
