@@ -316,6 +316,7 @@ def run(args) -> dict:
         with clock.stage("rollouts:backplay"):
             starts = expert_start_episodes(LMPolicy(m, tok, env), env, first_episodes, roll_cfg["samples_per_seed"],
                                            _sampling(roll_cfg, False, env), max_steps, policy_name="sft")
+            atomic_write_jsonl(work / "rollouts_backplay.jsonl", starts)
         del m, tok
         with clock.stage("arm:backplay"):
             extra_pairs = build_preference_pairs(starts, pair_params, weights, parse=env.parse)
