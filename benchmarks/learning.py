@@ -35,7 +35,7 @@ from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, pre
 from dpo_driver.eto import build_eto_pairs, expert_paths, expert_start_episodes, with_expert_fallback
 from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.model import bf16_is_native, resolve_model
-from dpo_driver.pairs import build_preference_pairs, pair_yield, to_dpo_records, to_kto_records
+from dpo_driver.pairs import build_preference_pairs, merge_pairs, pair_yield, to_dpo_records, to_kto_records
 from dpo_driver.policy import LMPolicy, RandomPolicy, Sampling
 from dpo_driver.report import build_report
 from dpo_driver.rollouts import run_episodes
@@ -319,8 +319,7 @@ def run(args) -> dict:
             atomic_write_jsonl(work / "rollouts_backplay.jsonl", starts)
         del m, tok
         with clock.stage("arm:backplay"):
-            extra_pairs = build_preference_pairs(starts, pair_params, weights, parse=env.parse)
-            mixed = pd.concat([first_pairs, extra_pairs[~extra_pairs["pair_id"].isin(first_pairs["pair_id"])]], ignore_index=True)
+            mixed = merge_pairs(first_pairs, build_preference_pairs(starts, pair_params, weights, parse=env.parse))
             arm_stats["backplay"] = {"pairs": int(len(mixed)), "expert_start_pairs": int(len(mixed) - len(first_pairs)),
                                      "episodes": len(starts), "successes": sum(bool(e["success"]) for e in starts),
                                      "seeds": len({(e["task"], e["seed"]) for e in starts})}

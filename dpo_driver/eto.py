@@ -24,7 +24,7 @@ import pandas as pd
 
 from dpo_driver.demos import play_expert
 from dpo_driver.environment import EnvCrashed, Environment, Parsed
-from dpo_driver.pairs import PAIR_COLUMNS, _training_episodes, pair_id
+from dpo_driver.pairs import PAIR_COLUMNS, _training_episodes, merge_pairs, pair_id
 from dpo_driver.policy import Sampling
 from dpo_driver.rollouts import CrashGuard, EpisodeSpec, _distinct, branch_budget, step_limit
 
@@ -98,7 +98,7 @@ def with_expert_fallback(pairs: pd.DataFrame, episodes: list[dict], env: Environ
         raise ValueError(f"expert fallback needs a family with an expert; {env.name!r} has none (Environment.has_expert)")
     unsolved = unsolved_seeds(episodes)
     expert = expert_fallback_pairs(episodes, env, env.parse, max_pairs_per_prompt, unsolved)
-    mixed = pd.concat([pairs, expert[~expert["pair_id"].isin(pairs["pair_id"])]], ignore_index=True)
+    mixed = merge_pairs(pairs, expert)
     return mixed, {"expert_pairs": int(len(mixed) - len(pairs)), "unsolved_seeds": sum(map(len, unsolved.values()))}
 
 

@@ -178,6 +178,11 @@ def build_preference_pairs(episodes: list[dict], params: PairParams, weights: Sc
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
+def merge_pairs(pairs: pd.DataFrame, extra: pd.DataFrame) -> pd.DataFrame:
+    """`pairs`, then the rows of `extra` whose pair is not already among them."""
+    return pd.concat([pairs, extra[~extra["pair_id"].isin(pairs["pair_id"])]], ignore_index=True)
+
+
 def to_dpo_records(pairs: pd.DataFrame) -> list[dict]:
     """TRL's conversational preference format, one dict per pair."""
     return [
