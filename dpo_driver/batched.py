@@ -47,7 +47,7 @@ def play_batched(env: Environment, policy, jobs: list[Job], sampling: Sampling, 
         except StopIteration as end:
             finish(i, end.value, session)
         except EnvCrashed as e:
-            finish(i, _crashed(policy_name, jobs[i][0], e), session)
+            finish(i, _crashed(policy_name, jobs[i][0], e, **jobs[i][2]), session)
 
     while queue or live:
         while queue and len(live) < width:

@@ -94,10 +94,11 @@ def _play(env: Environment, session: Session, policy, spec: EpisodeSpec, forced:
         return end.value
 
 
-def _crashed(policy_name: str, spec: EpisodeSpec, err: Exception) -> dict:
-    # A browser fault, not a policy failure: never used as a rejected sample.
+def _crashed(policy_name: str, spec: EpisodeSpec, err: Exception, **extra) -> dict:
+    # A browser fault, not a policy failure: never used as a rejected sample. `extra` (branch_of,
+    # expert_prefix) is kept, so a crashed branch or expert start still counts as one.
     return _record(policy_name, spec, success=False, reward=None, raw_reward=None, truncated=False, invalid=False,
-                   env_error=True, error=str(err)[:500], num_steps=0, steps=[], wall_seconds=0.0)
+                   env_error=True, error=str(err)[:500], num_steps=0, steps=[], wall_seconds=0.0, **extra)
 
 
 class CrashGuard:
@@ -122,7 +123,7 @@ class CrashGuard:
             ep = _play(env, session, policy, spec, forced, sampling, max_steps, policy_name, **extra)
         except EnvCrashed as e:
             self.failed(e)
-            return _crashed(policy_name, spec, e)
+            return _crashed(policy_name, spec, e, **extra)
         self.ok()
         return ep
 

@@ -39,6 +39,25 @@ def test_a_browser_that_keeps_crashing_stops_the_run(monkeypatch, miniwob):
         rollouts.run_episodes(RandomPolicy(miniwob), miniwob, ["click-button"], seeds_for("rollout", 4), 1, Sampling(), max_steps=2)
 
 
+def test_a_crashed_branch_or_expert_start_keeps_what_it_was(monkeypatch, miniwob):
+    """The crashed record keeps the episode's extras (branch_of, expert_prefix), one-at-a-time and batched,
+    so the rollouts' metadata still counts a crashed expert start as one."""
+    from dpo_driver.batched import play_batched
+
+    def always_crash(self, action):
+        raise EnvCrashed("browser failed on step: simulated")
+
+    monkeypatch.setattr(WebEnv, "step", always_crash)
+    seed = seeds_for("rollout", 1)[0]
+    policy = RandomPolicy(miniwob)
+    spec = rollouts.EpisodeSpec("click-button", seed, 4)
+    with miniwob.open("click-button") as session:
+        one = rollouts.CrashGuard("click-button").play(miniwob, session, policy, spec, [], Sampling(), 2, "p", expert_prefix=2)
+    [batched] = play_batched(miniwob, policy, [(spec, [], {"branch_of": "p:click-button:1:0", "branch_step": 1})], Sampling(), 2, "p", 1)
+    assert one["env_error"] and one["expert_prefix"] == 2 and one["episode_id"] == f"p:click-button:{seed}:4"
+    assert batched["env_error"] and (batched["branch_of"], batched["branch_step"]) == ("p:click-button:1:0", 1)
+
+
 def _alive(procs) -> list:
     import psutil
 
