@@ -21,7 +21,7 @@ from dataclasses import replace
 
 from dpo_driver.environment import EnvCrashed, Environment
 from dpo_driver.policy import Sampling
-from dpo_driver.rollouts import EpisodeSpec, _crashed, _distinct, _episode, _replay, branch_budget, step_limit
+from dpo_driver.rollouts import BranchBudget, EpisodeSpec, _crashed, _distinct, _episode, _replay, branch_budget, step_limit
 
 Job = tuple[EpisodeSpec, list[str], dict]  # what to play, the forced outputs, extra record fields
 
@@ -115,10 +115,11 @@ def _branch_in_waves(env: Environment, policy, task: str, roots: dict[int, list[
     found = {seed: list(eps) for seed, eps in roots.items()}
     branched: dict[int, set[str]] = {seed: set() for seed in found}
     next_sample = {seed: len(eps) for seed, eps in found.items()}
+    budgets = {seed: BranchBudget(max_branches) for seed in found}
     while True:
         states = []  # (seed, successful episode, step t)
         for seed, eps in found.items():
-            if next_sample[seed] - len(roots[seed]) >= max_branches:
+            if not budgets[seed]:
                 continue
             wins = [e for e in eps if e["success"]]
             shortest = min((e["num_steps"] for e in wins), default=0)
@@ -140,11 +141,12 @@ def _branch_in_waves(env: Environment, policy, task: str, roots: dict[int, list[
         for (seed, ep, t), outs in zip(states, proposals):
             prefix, taken = [s["output"] for s in ep["steps"][:t]], ep["steps"][t]["output"].strip()
             for out in _distinct(outs):
-                if next_sample[seed] - len(roots[seed]) >= max_branches:
+                if not budgets[seed]:
                     break
                 if out.strip() != taken:  # that branch is `ep` itself
                     jobs.append((EpisodeSpec(task, seed, next_sample[seed]), prefix + [out], {"branch_of": ep["episode_id"], "branch_step": t}))
                     next_sample[seed] += 1
+                    budgets[seed].spend()
         for child in play(jobs):
             found[child["seed"]].append(child)
 

@@ -26,7 +26,7 @@ from dpo_driver.demos import play_expert
 from dpo_driver.environment import EnvCrashed, Environment, Parsed
 from dpo_driver.pairs import PAIR_COLUMNS, _training_episodes, merge_pairs, pair_id
 from dpo_driver.policy import Sampling
-from dpo_driver.rollouts import CrashGuard, EpisodeSpec, _distinct, branch_budget, step_limit
+from dpo_driver.rollouts import BranchBudget, CrashGuard, EpisodeSpec, _distinct, branch_budget, step_limit
 
 
 def expert_paths(env: Environment, tasks_seeds: dict[str, list[int]]) -> dict:
@@ -125,7 +125,6 @@ def expert_start_episodes(policy, env: Environment, episodes: list[dict], sample
     out: list[dict] = []
     for task, seeds in unsolved_seeds(train).items():
         task_steps = step_limit(env, task, max_steps)
-        budget = branch_budget(samples_per_seed, task_steps)
         with env.open(task) as session:
             crashes = CrashGuard(task)
             for seed in seeds:
@@ -137,17 +136,20 @@ def expert_start_episodes(policy, env: Environment, episodes: list[dict], sample
                 if not expert.solved:
                     continue
                 path = [answer for _, answer in expert.steps]
-                sample, played = next_sample[(task, seed)], 0
+                sample, budget = next_sample[(task, seed)], BranchBudget(branch_budget(samples_per_seed, task_steps))
                 for t in range(len(path) - 1, 0, -1):
                     prompt, obs = expert.records[t]["prompt"][0]["content"], expert.steps[t][0]
                     proposals = _distinct(policy.propose([prompt], [obs], samples_per_seed, sampling, seed=seed * 131 + t)[0])
                     wins = 0
-                    for proposal in proposals[: budget - played]:
+                    for proposal in proposals:
+                        if not budget:
+                            break
                         ep = crashes.play(env, session, policy, EpisodeSpec(task, seed, sample), path[:t] + [proposal], greedy_after,
                                           task_steps, policy_name, expert_prefix=t)
                         out.append({**ep, "split": "train"})
-                        sample, played = sample + 1, played + 1
+                        sample += 1
+                        budget.spend()
                         wins += bool(ep["success"])
-                    if not wins or played >= budget:
+                    if not wins or not budget:
                         break
     return out

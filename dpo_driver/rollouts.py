@@ -213,7 +213,8 @@ def run_episodes(
             for seed, outs in zip(live_seeds, firsts):
                 roots = [play(EpisodeSpec(task, seed, k), [out]) for k, out in enumerate(_distinct(outs) if branching else outs)]
                 if branching:
-                    _branch_successes(session, policy, roots, play, seed, samples_per_seed, sampling, branch_budget(samples_per_seed, task_steps))
+                    _branch_successes(session, policy, roots, play, seed, samples_per_seed, sampling,
+                                      BranchBudget(branch_budget(samples_per_seed, task_steps)))
     return episodes
 
 
@@ -227,10 +228,24 @@ def branch_budget(k: int, task_steps: int) -> int:
     return k * task_steps
 
 
+class BranchBudget:
+    """The branch episodes one seed may still play, out of `cap` (branch_budget). False once spent:
+    checked before a state is replayed (no child of it would be played) and before each child."""
+
+    def __init__(self, cap: int):
+        self.left = cap
+
+    def __bool__(self) -> bool:
+        return self.left > 0
+
+    def spend(self) -> None:
+        self.left -= 1
+
+
 def _branch_successes(session: Session, policy, roots: list[dict], play, seed: int, k: int, sampling: Sampling,
-                      max_branches: int) -> None:
+                      budget: BranchBudget) -> None:
     """Branch K distinct actions at every later state of each shortest successful episode
-    (fewest steps first), at most `max_branches` episodes per seed.
+    (fewest steps first), while `budget` lasts.
 
     A success that takes more steps than one already found wasted some (on click-button, typing
     into a stray text field before the right click); its later states are off the path a good
@@ -250,8 +265,8 @@ def _branch_successes(session: Session, policy, roots: list[dict], play, seed: i
         if ep["num_steps"] > shortest:
             continue
         for t in range(1, ep["num_steps"]):
-            if sample - len(roots) >= max_branches:
-                return  # before replaying and sampling a state no child of which will be played
+            if not budget:
+                return
             prompt = ep["steps"][t]["prompt"]
             if prompt in branched:
                 continue
@@ -265,10 +280,11 @@ def _branch_successes(session: Session, policy, roots: list[dict], play, seed: i
             for out in _distinct(policy.propose([prompt], [obs], k, sampling, seed=seed * 131 + t)[0]):
                 if out.strip() == taken:
                     continue  # that branch is `ep` itself
-                if sample - len(roots) >= max_branches:
+                if not budget:
                     return
                 child = play(EpisodeSpec(session.task, seed, sample), prefix + [out], branch_of=ep["episode_id"], branch_step=t)
                 sample += 1
+                budget.spend()
                 if child["success"]:
                     shortest = min(shortest, child["num_steps"])
                     queue.append(child)
