@@ -131,6 +131,20 @@ def add_sft_argument(ap) -> None:
     ap.add_argument("--sft", default="{}", help='JSON overrides of the preset\'s sft_adapter config, e.g. \'{"micro_batch_size": 1}\'')
 
 
+def add_rollouts_argument(ap) -> None:
+    ap.add_argument("--rollouts", default="{}", help='JSON overrides of the preset\'s rollout_trajectories config, applied in '
+                    'every round, e.g. \'{"expert_starts": true}\'')
+
+
+def rollout_config(ops: dict, overrides: str) -> dict:
+    """The preset's rollout_trajectories config with `--rollouts` JSON overrides. The benchmark samples
+    its own rollouts, so logged traces (the DAG's traces_path) are refused."""
+    cfg = stage_config(ops, "rollout_trajectories", RolloutConfig, overrides, "--rollouts").model_dump()
+    if cfg["traces_path"]:
+        raise ValueError("--rollouts: traces_path is the DAG's logged-trace source; the benchmark samples its own rollouts")
+    return cfg
+
+
 def run(args) -> dict:
     cfg = preset(args.preset)
     ops = op_configs(cfg)
@@ -150,7 +164,9 @@ def run(args) -> dict:
         if arm.split("+") == list(dpo_cfg["loss_type"]):
             raise SystemExit(f"arm {arm!r} is the preset's own DPO loss ({'+'.join(dpo_cfg['loss_type'])}): "
                              "its adapter would be the run's DPO adapter, byte for byte")
-    roll_cfg = RolloutConfig(**ops["rollout_trajectories"]).model_dump()
+    roll_cfg = rollout_config(ops, args.rollouts)
+    if roll_cfg["expert_starts"] and "backplay" in arms:  # that arm is expert starts added to round 1: the run's DPO already has them
+        raise SystemExit("arm 'backplay' with --rollouts expert_starts: the run's own DPO already trains on expert starts")
     eval_cfg = EvaluationConfig(**ops["evaluation_report"]).model_dump()
     if args.constrained or args.free:  # rollouts and evaluation, every arm alike
         roll_cfg["constrained"] = eval_cfg["constrained"] = args.constrained
@@ -228,6 +244,10 @@ def run(args) -> dict:
         m, tok = load_policy(base, current)
         episodes = _act(clock, f"rollouts_r{r}:{current_name}", LMPolicy(m, tok, env), env, tasks, list(plan.rollout),
                         roll_cfg["samples_per_seed"], _sampling(roll_cfg, False, env), max_steps)
+        if roll_cfg["expert_starts"]:  # as rollout_trajectories does: after the training seeds, before the validation ones
+            with clock.stage(f"expert_starts_r{r}"):
+                episodes += expert_start_episodes(LMPolicy(m, tok, env), env, episodes, roll_cfg["samples_per_seed"],
+                                                  _sampling(roll_cfg, False, env), max_steps, policy_name=current_name)
         atomic_write_jsonl(work / f"rollouts_r{r}.jsonl", episodes)  # kept for diffing reruns and offline probes
         held_eps = []
         if plan.pair_validation:  # as rollout_trajectories does: the validation seeds after the training ones
@@ -237,7 +257,7 @@ def run(args) -> dict:
         train_pairs, held_out = train_and_validation_pairs(
             episodes + [{**e, "split": "validation"} for e in held_eps],
             lambda eps: build_preference_pairs(eps, pair_params, weights, parse=env.parse), pair_cfg.validation_fraction)
-        stats = pair_yield(episodes, train_pairs)
+        stats = {**pair_yield(episodes, train_pairs), "expert_start_episodes": sum("expert_prefix" in e for e in episodes)}
         if first_pairs is None:
             first_pairs, first_episodes = train_pairs, episodes
         if train_pairs.empty:
@@ -375,6 +395,7 @@ def run(args) -> dict:
                      "pair_validation": [plan.pair_validation[0], plan.pair_validation[-1]] if plan.pair_validation else []}}
     out["dpo_config"] = dpo_cfg  # the preset's, with any --dpo overrides
     out["sft_config"] = sft_cfg  # the preset's, with any --sft overrides
+    out["rollout_config"] = roll_cfg  # the preset's, with any --rollouts overrides
     out["constrained"] = {"rollouts": roll_cfg["constrained"], "evaluation": eval_cfg["constrained"]}
     out["eval_num_envs"] = eval_cfg["num_envs"]  # 0: the family's own loop
     for t in tasks:
@@ -524,6 +545,7 @@ def main(argv=None) -> dict:
                     "with the same preset, suite and seed; its wall time is not in this run's)")
     add_dpo_argument(ap)
     add_sft_argument(ap)
+    add_rollouts_argument(ap)
     decoding = ap.add_mutually_exclusive_group()  # neither: the preset's (Sampling.constrained's default: held)
     decoding.add_argument("--constrained", action="store_true", help="rollouts and evaluation decode held to the state's actions "
                           "(Sampling.constrained), whatever the preset says")

@@ -194,6 +194,7 @@ def main(argv=None) -> dict:
     decoding.add_argument("--free", action="store_true", help="learning.py --free (give it its own --json)")
     learning.add_num_envs_argument(ap)
     learning.add_sft_argument(ap)
+    learning.add_rollouts_argument(ap)
     learning.add_dpo_argument(ap)  # with --sft: runs are keyed by suite, seed and offset only: give other overrides their own --json
     args = ap.parse_args(argv)
     path = Path(args.json)
@@ -204,6 +205,7 @@ def main(argv=None) -> dict:
         ops = op_configs(preset(args.preset))
         learning.dpo_config(ops, args.dpo, 0)  # a bad override fails here, before an hour of runs
         learning.stage_config(ops, "sft_adapter", learning.SFTAdapterConfig, args.sft, "--sft")
+        learning.rollout_config(ops, args.rollouts)
         suites, seeds = resolve_suites(args.suites, args.preset, args.draw_seed), [int(s) for s in args.train_seeds.split(",") if s.strip()]
         if args.sft_adapter and len(suites) * len(seeds) != 1:
             ap.error("--sft-adapter is one suite's SFT stage: give one suite and one training seed")
@@ -214,7 +216,7 @@ def main(argv=None) -> dict:
                 res = learning.main(["--preset", args.preset, "--seed", str(seed), "--tasks", ",".join(tasks), "--arms", args.arms,
                                      "--eval-offset", str(args.eval_offset), "--eval-seeds", str(args.eval_seeds),
                                      "--rollout-seeds", str(args.rollout_seeds), "--pair-validation-seeds", str(args.pair_validation_seeds),
-                                     "--sft-adapter", args.sft_adapter, "--dpo", args.dpo, "--sft", args.sft, "--num-envs", str(args.num_envs)] + (["--constrained"] if args.constrained else [])
+                                     "--sft-adapter", args.sft_adapter, "--dpo", args.dpo, "--sft", args.sft, "--rollouts", args.rollouts, "--num-envs", str(args.num_envs)] + (["--constrained"] if args.constrained else [])
                                     + (["--free"] if args.free else []))
                 res.pop("report_markdown", None)
                 res.update(suite=suite, tasks=tasks, suites_command=" ".join(shlex.quote(a) for a in sys.argv),

@@ -111,3 +111,29 @@ def test_learning_benchmark_rounds_0_is_sft_only(tmp_path, monkeypatch):
     assert all(row.keys() == {"sft", "random", "n"} and row["n"] == 2 for row in res["tasks"].values())
     assert "mean_sft" in res and "mean_dpo" not in res and "dpo_minus_sft_points" not in res and res["rounds"] == []
     assert res["eval_success"].keys() == {"sft", "random"}
+
+
+def test_learning_benchmark_rollout_overrides_reach_every_round(tmp_path, monkeypatch):
+    """`--rollouts` sets the DAG's rollout_trajectories options for every round: with expert_starts each
+    round's rollouts also start from the expert's states at that round's unsolved seeds (the start moves
+    with the policy). A bad override fails before anything runs."""
+    monkeypatch.setenv("DPO_DRIVER_CACHE", str(tmp_path / "models"))
+    from benchmarks.learning import main
+
+    with pytest.raises(ValueError, match="unknown rollout_trajectories option"):
+        main(["--preset", "tiny", "--rollouts", '{"expert_start": true}', "--workdir", str(tmp_path / "typo")])
+    with pytest.raises(ValueError, match="traces_path"):
+        main(["--preset", "tiny", "--rollouts", '{"traces_path": "x.jsonl"}', "--workdir", str(tmp_path / "traces")])
+    with pytest.raises(SystemExit, match="already trains on expert starts"):
+        main(["--preset", "tiny", "--arms", "backplay", "--rollouts", '{"expert_starts": true}', "--workdir", str(tmp_path / "twice")])
+    assert not any((tmp_path / d).exists() for d in ("typo", "traces", "twice"))
+    work = tmp_path / "work"
+    res = main(["--preset", "tiny", "--rounds", "2", "--arms", "none", "--eval-seeds", "1", "--workdir", str(work),
+                "--rollouts", '{"expert_starts": true}'])
+    assert res["rollout_config"]["expert_starts"] is True and len(res["rounds"]) == 2
+    for r, stats in enumerate(res["rounds"], 1):
+        eps = [json.loads(line) for line in (work / f"rollouts_r{r}.jsonl").read_text().splitlines()]
+        starts = [e for e in eps if "expert_prefix" in e]
+        assert stats["expert_start_episodes"] == len(starts) > 0
+        solved = {(e["task"], e["seed"]) for e in eps if e["success"] and "expert_prefix" not in e}
+        assert all((e["task"], e["seed"]) not in solved for e in starts)  # only where no sample of the round solved

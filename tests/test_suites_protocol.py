@@ -61,15 +61,19 @@ def test_stage_overrides_reach_every_run_and_a_bad_one_fails_before_any(tmp_path
     monkeypatch.setattr(suites_cli.learning, "main", fake_learning)
     out = tmp_path / "suites.json"
     suites_cli.main(["--suites", "default", "--train-seeds", "0,1", "--json", str(out), "--dpo", '{"anchor_weight": 0}',
-                     "--sft", '{"micro_batch_size": 1}', "--rollout-seeds", "6", "--pair-validation-seeds", "1", "--num-envs", "4"])
+                     "--sft", '{"micro_batch_size": 1}', "--rollout-seeds", "6", "--pair-validation-seeds", "1", "--num-envs", "4",
+                     "--rollouts", '{"expert_starts": true}'])
     assert len(calls) == 2 and all(c[c.index("--dpo") + 1] == '{"anchor_weight": 0}' for c in calls)
     assert all(c[c.index("--sft") + 1] == '{"micro_batch_size": 1}' for c in calls)
     assert all(c[c.index("--num-envs") + 1] == "4" for c in calls)
+    assert all(c[c.index("--rollouts") + 1] == '{"expert_starts": true}' for c in calls)
     assert all(c[c.index("--rollout-seeds") + 1] == "6" and c[c.index("--pair-validation-seeds") + 1] == "1" for c in calls)
     with pytest.raises(ValueError, match="unknown dpo_adapter option.*no_such_option"):
         suites_cli.main(["--suites", "default", "--json", str(tmp_path / "bad.json"), "--dpo", '{"no_such_option": 1}'])
     with pytest.raises(ValueError, match="--sft: unknown sft_adapter option.*micro_batch"):
         suites_cli.main(["--suites", "default", "--json", str(tmp_path / "bad.json"), "--sft", '{"micro_batch": 1}'])
+    with pytest.raises(ValueError, match="--rollouts: unknown rollout_trajectories option.*expert_start"):
+        suites_cli.main(["--suites", "default", "--json", str(tmp_path / "bad.json"), "--rollouts", '{"expert_start": true}'])
     assert len(calls) == 2 and not (tmp_path / "bad.json").exists()
 
 
