@@ -35,7 +35,7 @@ from dpo_driver.dpo_gates import kl_to_reference, load_policy_and_reference, pre
 from dpo_driver.eto import build_eto_pairs, expert_paths, expert_start_episodes, with_expert_fallback
 from dpo_driver.io import atomic_write_jsonl, atomic_write_text
 from dpo_driver.model import bf16_is_native, resolve_model
-from dpo_driver.pairs import build_preference_pairs, merge_pairs, pair_yield, to_dpo_records, to_kto_records
+from dpo_driver.pairs import build_preference_pairs, expert_start_count, merge_pairs, pair_yield, to_dpo_records, to_kto_records
 from dpo_driver.policy import LMPolicy, RandomPolicy, Sampling
 from dpo_driver.report import build_report
 from dpo_driver.rollouts import run_episodes
@@ -257,7 +257,7 @@ def run(args) -> dict:
         train_pairs, held_out = train_and_validation_pairs(
             episodes + [{**e, "split": "validation"} for e in held_eps],
             lambda eps: build_preference_pairs(eps, pair_params, weights, parse=env.parse), pair_cfg.validation_fraction)
-        stats = {**pair_yield(episodes, train_pairs), "expert_start_episodes": sum("expert_prefix" in e for e in episodes)}
+        stats = {**pair_yield(episodes, train_pairs), "expert_start_episodes": expert_start_count(episodes)}
         if first_pairs is None:
             first_pairs, first_episodes = train_pairs, episodes
         if train_pairs.empty:

@@ -116,6 +116,11 @@ def expert_prefix(ep: dict) -> int:
     return 0 if value is None or value != value else int(value)
 
 
+def expert_start_count(episodes: list[dict]) -> int:
+    """How many of `episodes` started from an expert's state (an expert prefix of at least one step)."""
+    return sum(expert_prefix(ep) > 0 for ep in episodes)
+
+
 def _training_episodes(episodes: list[dict]) -> list[dict]:
     """Episodes fit to train on: browser crashes dropped, evaluation seeds refused."""
     kept = []

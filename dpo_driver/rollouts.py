@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_driver.environment import EnvCrashed, Environment, Session
+from dpo_driver.pairs import expert_start_count
 from dpo_driver.policy import Sampling
 
 MAX_CONSECUTIVE_CRASHES = 3
@@ -371,7 +372,7 @@ def collect_rollouts(load_policy: Callable[[], Any], env: Environment, tasks: li
         ep["adapter_dir"] = adapter_dir
     ok = [e for e in episodes if not e["env_error"]]
     metrics = {"episodes": len(episodes), "validation_episodes": sum(e["split"] == "validation" for e in episodes),
-               "expert_start_episodes": sum("expert_prefix" in e for e in episodes),
+               "expert_start_episodes": expert_start_count(episodes),
                "env_errors": len(episodes) - len(ok), "success_rate": sum(bool(e["success"]) for e in ok) / len(ok) if ok else float("nan"), **pii}
     if stats is not None:
         metrics.update(gen_seconds=stats.seconds, gen_new_tokens=stats.new_tokens, gen_tokens_per_second=stats.tokens_per_second)
